@@ -1,0 +1,189 @@
+"""Optimizer, score-matching objectives and the train / eval step.
+
+Objectives (REFERENCE.md "Losses"):
+- continuous denoising score matching (Eq. 7) with weighting lambda(t) = std(t)^2, or the
+  likelihood weighting lambda(t) = g(t)^2 (Song et al. 2021b);
+- SMLD's discrete objective (VE) and DDPM's epsilon objective (VP), picked by the SDE's
+  `discrete_objective`.
+
+A loss function has the signature loss_fn(rng, params, states, batch) -> (loss, new_states)
+with `batch` images [B, H, W, C] already scaled to the model's range.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from models import utils as mutils
+from sde_lib import SDE, batch_mul
+
+
+def get_optimizer(config) -> optax.GradientTransformation:
+    """Adam with linear learning-rate warmup and optional global-norm clipping.
+
+    Reads config.optim.{optimizer, lr, beta1, eps, warmup, grad_clip, weight_decay}; a
+    negative grad_clip disables clipping.
+    """
+    optim = config.optim
+    if optim.optimizer.lower() not in ("adam", "adamw"):
+        raise ValueError(f"Unknown optimizer {optim.optimizer!r}; valid names: ['Adam', 'AdamW'].")
+    warmup = int(optim.warmup)
+    # lr_t = lr * min(t / warmup, 1), with t the number of updates already made.
+    schedule = (lambda count: optim.lr * jnp.minimum(count / warmup, 1.0)) if warmup > 0 \
+        else optim.lr
+    weight_decay = float(getattr(optim, "weight_decay", 0.0))
+    adam = optax.adamw(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps,
+                       weight_decay=weight_decay) if weight_decay > 0 else \
+        optax.adam(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps)
+    if optim.grad_clip >= 0:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam)
+    return adam
+
+
+def _reduce(x, reduce_mean: bool):
+    """Per-example reduction over all non-batch dims: mean, or half the sum."""
+    x = x.reshape(x.shape[0], -1)
+    return jnp.mean(x, axis=-1) if reduce_mean else 0.5 * jnp.sum(x, axis=-1)
+
+
+def get_sde_loss_fn(sde: SDE, model, train: bool, reduce_mean: bool = True,
+                    continuous: bool = True, likelihood_weighting: bool = False,
+                    eps: float = 1e-5):
+    """Continuous-time denoising score matching, Eq. 7.
+
+    Without likelihood weighting the loss is ||std s(x_t, t) + z||^2 (lambda = std^2); with
+    it, ||s(x_t, t) + z / std||^2 g(t)^2.
+    """
+
+    def loss_fn(rng, params, states, batch):
+        score_fn = mutils.get_score_fn(sde, model, params, states, train=train,
+                                       continuous=continuous, return_state=True)
+        t_rng, z_rng, dropout_rng = jax.random.split(rng, 3)
+        t = jax.random.uniform(t_rng, (batch.shape[0],), minval=eps, maxval=sde.T)
+        z = jax.random.normal(z_rng, batch.shape)
+        mean, std = sde.marginal_prob(batch, t)
+        perturbed = mean + batch_mul(std, z)
+        score, new_states = score_fn(perturbed, t, dropout_rng)
+        if likelihood_weighting:
+            g2 = sde.sde(jnp.zeros_like(batch), t)[1] ** 2
+            losses = _reduce(jnp.square(score + batch_mul(1.0 / std, z)), reduce_mean) * g2
+        else:
+            losses = _reduce(jnp.square(batch_mul(std, score) + z), reduce_mean)
+        return jnp.mean(losses), new_states
+
+    return loss_fn
+
+
+def get_smld_loss_fn(vesde, model, train: bool, reduce_mean: bool = False):
+    """SMLD / NCSN objective: sum_i sigma_i^2 ||s(x + sigma_i z, i) + z / sigma_i||^2."""
+    # Label i indexes noise levels from sigma_max down to sigma_min, as the NCSN models do.
+    sigmas_desc = jnp.asarray(vesde.discrete_sigmas[::-1], jnp.float32)
+
+    def loss_fn(rng, params, states, batch):
+        model_fn = mutils.get_model_fn(model, params, states, train=train)
+        label_rng, z_rng, dropout_rng = jax.random.split(rng, 3)
+        labels = jax.random.randint(label_rng, (batch.shape[0],), 0, vesde.N)
+        sigmas = sigmas_desc[labels]
+        noise = batch_mul(sigmas, jax.random.normal(z_rng, batch.shape))
+        score, new_states = model_fn(batch + noise, labels, dropout_rng)
+        target = -batch_mul(1.0 / sigmas**2, noise)
+        losses = _reduce(jnp.square(score - target), reduce_mean) * sigmas**2
+        return jnp.mean(losses), new_states
+
+    return loss_fn
+
+
+def get_ddpm_loss_fn(vpsde, model, train: bool, reduce_mean: bool = True):
+    """DDPM objective ||eps_theta(sqrt(abar_i) x + sqrt(1 - abar_i) eps, i) - eps||^2."""
+    sqrt_abar = jnp.asarray(vpsde.sqrt_alphas_cumprod, jnp.float32)
+    sqrt_1m_abar = jnp.asarray(vpsde.sqrt_1m_alphas_cumprod, jnp.float32)
+
+    def loss_fn(rng, params, states, batch):
+        model_fn = mutils.get_model_fn(model, params, states, train=train)
+        label_rng, z_rng, dropout_rng = jax.random.split(rng, 3)
+        labels = jax.random.randint(label_rng, (batch.shape[0],), 0, vpsde.N)
+        noise = jax.random.normal(z_rng, batch.shape)
+        perturbed = batch_mul(sqrt_abar[labels], batch) + batch_mul(sqrt_1m_abar[labels], noise)
+        output, new_states = model_fn(perturbed, labels, dropout_rng)
+        losses = _reduce(jnp.square(output - noise), reduce_mean)
+        return jnp.mean(losses), new_states
+
+    return loss_fn
+
+
+_DISCRETE_LOSSES = {"smld": get_smld_loss_fn, "ddpm": get_ddpm_loss_fn}
+
+
+def get_loss_fn(sde: SDE, model, train: bool, reduce_mean: bool = False,
+                continuous: bool = True, likelihood_weighting: bool = False):
+    if continuous:
+        return get_sde_loss_fn(sde, model, train, reduce_mean=reduce_mean, continuous=True,
+                               likelihood_weighting=likelihood_weighting)
+    if likelihood_weighting:
+        raise ValueError("Likelihood weighting is only defined for continuous training.")
+    objective = sde.discrete_objective
+    if objective not in _DISCRETE_LOSSES:
+        raise ValueError(
+            f"Discrete training is not defined for {type(sde).__name__}; it is for SDEs with "
+            f"a discrete_objective in {sorted(_DISCRETE_LOSSES)} (VESDE: 'smld', VPSDE: "
+            "'ddpm'). Set config.training.continuous=True.")
+    return _DISCRETE_LOSSES[objective](sde, model, train, reduce_mean=reduce_mean)
+
+
+def ema_update(ema, new, rate: float):
+    """ema <- rate * ema + (1 - rate) * new, leaf by leaf."""
+    return jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p, ema, new)
+
+
+def get_step_fn(sde: SDE, model, train: bool, optimizer=None, reduce_mean: bool = False,
+                continuous: bool = True, likelihood_weighting: bool = False,
+                ema_rate: float = 0.999):
+    """Returns step_fn(state, batch) -> (state, losses) running one step per leading slice.
+
+    `batch` is [n_steps, B, H, W, C]: the steps run sequentially inside one `lax.scan`, so
+    n_jitted_steps steps cost one dispatch. Each step's randomness is
+    fold_in(state.rng, state.step), so a resumed run repeats an uninterrupted one exactly.
+    Training applies `optimizer` (an optax transformation) and updates the EMA of the
+    parameters; evaluation computes the loss of `params_ema` and leaves the state unchanged.
+    Means over the batch are global, also when the batch is sharded across devices.
+    """
+    if train and optimizer is None:
+        raise ValueError("A training step needs an optimizer.")
+    loss_fn = get_loss_fn(sde, model, train, reduce_mean=reduce_mean, continuous=continuous,
+                          likelihood_weighting=likelihood_weighting)
+
+    def one_step(state, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        if not train:
+            loss, _ = loss_fn(rng, state.params_ema, state.model_state, batch)
+            return state, loss
+        grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+        (loss, new_model_state), grads = grad_fn(rng, state.params, state.model_state, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              params_ema=ema_update(state.params_ema, params, ema_rate),
+                              model_state=new_model_state)
+        return state, loss
+
+    def step_fn(state, batch):
+        return jax.lax.scan(one_step, state, batch)
+
+    return step_fn
+
+
+def init_train_state(rng, config, model=None, params=None, states=None):
+    """Initial State for `config` (model built from the registry unless given).
+
+    Returns (model, state, optimizer).
+    """
+    init_rng, step_rng = jax.random.split(rng)
+    if model is None:
+        model, params, states = mutils.init_model(init_rng, config)
+    optimizer = get_optimizer(config)
+    state = mutils.State(step=jnp.asarray(0, jnp.int32), params=params,
+                         opt_state=optimizer.init(params), params_ema=params,
+                         model_state=states, rng=step_rng)
+    return model, state, optimizer

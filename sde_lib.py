@@ -1,0 +1,373 @@
+"""Forward SDEs and their reverse-time counterparts (Song et al. 2021, Sec. 3 and App. B).
+
+Every quantity a sampler, a loss or a score-model wrapper needs that differs between SDEs
+is a method or property here, so generic code never dispatches on the SDE's type. A new SDE
+subclass that implements `sde`, `marginal_prob`, `prior_sampling` and `prior_logp` works with
+the Euler-Maruyama and reverse-diffusion predictors, the Langevin corrector, the ODE sampler
+and the likelihood without touching any other file.
+
+Shapes: `x` is [B, ...] (images are NHWC), `t` is [B]. Per-example scalars such as the
+diffusion coefficient are returned with shape [B] and broadcast with `batch_mul`.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def batch_mul(a, b):
+    """Multiplies a per-example array `a` [B] into `b` [B, ...] (or the other way round)."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.ndim < b.ndim:
+        a = a.reshape(a.shape + (1,) * (b.ndim - a.ndim))
+    elif b.ndim < a.ndim:
+        b = b.reshape(b.shape + (1,) * (a.ndim - b.ndim))
+    return a * b
+
+
+def _sum_except_batch(x):
+    return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
+
+
+def _timestep(t, N, T):
+    """Index i = int(t (N - 1) / T) of the discrete step that continuous time t falls on."""
+    return (t * (N - 1) / T).astype(jnp.int32)
+
+
+class SDE(abc.ABC):
+    """A forward SDE dx = f(x, t) dt + g(t) dw on t in [0, T], discretized into N steps."""
+
+    # Name of the discrete-time training objective of this SDE's discretization, if any
+    # ('smld' for VE, 'ddpm' for VP); see losses.get_loss_fn.
+    discrete_objective: str | None = None
+
+    def __init__(self, N: int):
+        if int(N) < 1:
+            raise ValueError(f"Number of discretization steps N must be >= 1, got {N}.")
+        self.N = int(N)
+
+    @property
+    @abc.abstractmethod
+    def T(self) -> float:
+        """End time of the SDE."""
+
+    @property
+    def sampling_eps(self) -> float:
+        """Smallest time a sampler integrates to (avoids the singular score at t = 0)."""
+        return 1e-3
+
+    @abc.abstractmethod
+    def sde(self, x, t):
+        """Returns (drift [B, ...], diffusion [B])."""
+
+    @abc.abstractmethod
+    def marginal_prob(self, x, t):
+        """Parameters of p_t(x(t) | x(0) = x): (mean [B, ...], std [B])."""
+
+    @abc.abstractmethod
+    def prior_sampling(self, rng, shape):
+        """Draws x(T) ~ p_T, an array of `shape`."""
+
+    @abc.abstractmethod
+    def prior_logp(self, z):
+        """log p_T(z) summed over all non-batch dimensions: [B]."""
+
+    def discretize(self, x, t):
+        """One step of the discretized SDE, x_{i+1} = x_i + f_i + G_i z_i.
+
+        Euler-Maruyama by default; subclasses override with their exact discrete chains.
+        Returns (f [B, ...], G [B]).
+        """
+        dt = 1.0 / self.N
+        drift, diffusion = self.sde(x, t)
+        return drift * dt, diffusion * jnp.sqrt(dt)
+
+    # Quantities the samplers ask for. Defaults are valid for any SDE.
+
+    def langevin_alpha(self, t):
+        """The alpha_i of Algorithms 4-5 (Langevin step scale): [B]. 1 unless overridden."""
+        return jnp.ones_like(t)
+
+    def ancestral_update(self, x, t, score):
+        """Ancestral sampling step (App. F): (x_mean [B, ...], noise std [B]).
+
+        Only SDEs whose discretization has a known ancestral sampler implement it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no ancestral sampler; use it with VESDE or VPSDE, "
+            "or choose predictor 'reverse_diffusion' or 'euler_maruyama'.")
+
+    @property
+    def has_ancestral_update(self) -> bool:
+        return type(self).ancestral_update is not SDE.ancestral_update
+
+    # Score-model conventions (REFERENCE.md "Score-model label conventions"). The default
+    # treats the network output as a noise prediction scaled by 1/std, which is valid for any
+    # SDE with a Gaussian perturbation kernel.
+
+    def model_labels(self, t, continuous: bool = True):
+        """Noise-level labels fed to the network for times t [B]."""
+        if not continuous:
+            raise NotImplementedError(f"{type(self).__name__} has no discrete label convention.")
+        return t * 999.0
+
+    def output_to_score(self, output, t, continuous: bool = True):
+        """Turns the network output [B, ...] at times t [B] into a score."""
+        if not continuous:
+            raise NotImplementedError(f"{type(self).__name__} has no discrete label convention.")
+        std = self.marginal_prob(jnp.zeros_like(output), t)[1]
+        return batch_mul(-1.0 / std, output)
+
+    def reverse(self, score_fn, probability_flow: bool = False) -> SDE:
+        """The reverse-time SDE (Eq. 6) or probability-flow ODE (Eq. 13) given `score_fn`.
+
+        score_fn(x, t) -> score shaped like x.
+        """
+        return ReverseSDE(self, score_fn, probability_flow)
+
+
+class ReverseSDE(SDE):
+    """dx = [f - g^2 score] dt + g dw_bar (or the ODE dx = [f - g^2 score / 2] dt)."""
+
+    def __init__(self, forward: SDE, score_fn, probability_flow: bool = False):
+        super().__init__(forward.N)
+        self.forward = forward
+        self.score_fn = score_fn
+        self.probability_flow = probability_flow
+
+    @property
+    def T(self):
+        return self.forward.T
+
+    def sde(self, x, t):
+        drift, diffusion = self.forward.sde(x, t)
+        score = self.score_fn(x, t)
+        scale = 0.5 if self.probability_flow else 1.0
+        drift = drift - batch_mul(diffusion**2 * scale, score)
+        diffusion = jnp.zeros_like(diffusion) if self.probability_flow else diffusion
+        return drift, diffusion
+
+    def discretize(self, x, t):
+        """Reverse discretization: x_i = x_{i+1} - f + G^2 score (+ G z), Eq. 46."""
+        f, G = self.forward.discretize(x, t)
+        score = self.score_fn(x, t)
+        scale = 0.5 if self.probability_flow else 1.0
+        rev_f = f - batch_mul(G**2 * scale, score)
+        rev_G = jnp.zeros_like(G) if self.probability_flow else G
+        return rev_f, rev_G
+
+    def marginal_prob(self, x, t):
+        raise NotImplementedError("The reverse SDE has no closed-form marginal.")
+
+    def prior_sampling(self, rng, shape):
+        return self.forward.prior_sampling(rng, shape)
+
+    def prior_logp(self, z):
+        return self.forward.prior_logp(z)
+
+
+def _standard_normal_logp(z):
+    D = np.prod(z.shape[1:])
+    return -D / 2.0 * jnp.log(2 * jnp.pi) - _sum_except_batch(z**2) / 2.0
+
+
+class VPSDE(SDE):
+    """Variance-preserving SDE, the continuous limit of DDPM (Eq. 11)."""
+
+    discrete_objective = "ddpm"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+        super().__init__(N)
+        self.beta_0 = float(beta_min)
+        self.beta_1 = float(beta_max)
+        # DDPM's discrete chain: beta_i = linspace(b0 / N, b1 / N, N).
+        self.discrete_betas = np.linspace(beta_min / N, beta_max / N, N, dtype=np.float64)
+        self.alphas = 1.0 - self.discrete_betas
+        self.alphas_cumprod = np.cumprod(self.alphas)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_1m_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+
+    @property
+    def T(self):
+        return 1.0
+
+    def beta(self, t):
+        return self.beta_0 + t * (self.beta_1 - self.beta_0)
+
+    def _log_mean_coeff(self, t):
+        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+    def sde(self, x, t):
+        beta_t = self.beta(t)
+        return batch_mul(-0.5 * beta_t, x), jnp.sqrt(beta_t)
+
+    def marginal_prob(self, x, t):
+        log_mean_coeff = self._log_mean_coeff(t)
+        mean = batch_mul(jnp.exp(log_mean_coeff), x)
+        std = jnp.sqrt(1.0 - jnp.exp(2.0 * log_mean_coeff))
+        return mean, std
+
+    def prior_sampling(self, rng, shape):
+        return jax.random.normal(rng, shape)
+
+    def prior_logp(self, z):
+        return _standard_normal_logp(z)
+
+    def discretize(self, x, t):
+        """DDPM: x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z_i."""
+        i = _timestep(t, self.N, self.T)
+        beta = jnp.asarray(self.discrete_betas, jnp.float32)[i]
+        alpha = jnp.asarray(self.alphas, jnp.float32)[i]
+        f = batch_mul(jnp.sqrt(alpha), x) - x
+        return f, jnp.sqrt(beta)
+
+    def langevin_alpha(self, t):
+        return jnp.asarray(self.alphas, jnp.float32)[_timestep(t, self.N, self.T)]
+
+    def ancestral_update(self, x, t, score):
+        """DDPM ancestral step: x_mean = (x + beta_i s) / sqrt(1 - beta_i), std = sqrt(beta_i)."""
+        beta = jnp.asarray(self.discrete_betas, jnp.float32)[_timestep(t, self.N, self.T)]
+        x_mean = batch_mul(1.0 / jnp.sqrt(1.0 - beta), x + batch_mul(beta, score))
+        return x_mean, jnp.sqrt(beta)
+
+    def model_labels(self, t, continuous: bool = True):
+        if continuous:
+            return t * 999.0
+        return t * (self.N - 1)
+
+    def output_to_score(self, output, t, continuous: bool = True):
+        if continuous:
+            std = self.marginal_prob(jnp.zeros_like(output), t)[1]
+        else:
+            table = jnp.asarray(self.sqrt_1m_alphas_cumprod, jnp.float32)
+            std = table[(t * (self.N - 1)).astype(jnp.int32)]
+        return batch_mul(-1.0 / std, output)
+
+
+class subVPSDE(SDE):
+    """Sub-VP SDE (Eq. 12): same drift as VP, diffusion shrunk so variances stay below VP's."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+        super().__init__(N)
+        self.beta_0 = float(beta_min)
+        self.beta_1 = float(beta_max)
+        # The reference's Langevin corrector reads `alphas` for sub-VP too but never defined
+        # them; we use the VP chain's alphas, which share the drift.
+        self.discrete_betas = np.linspace(beta_min / N, beta_max / N, N, dtype=np.float64)
+        self.alphas = 1.0 - self.discrete_betas
+
+    @property
+    def T(self):
+        return 1.0
+
+    def beta(self, t):
+        return self.beta_0 + t * (self.beta_1 - self.beta_0)
+
+    def _log_mean_coeff(self, t):
+        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+    def sde(self, x, t):
+        beta_t = self.beta(t)
+        discount = 1.0 - jnp.exp(-2.0 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t**2)
+        return batch_mul(-0.5 * beta_t, x), jnp.sqrt(beta_t * discount)
+
+    def marginal_prob(self, x, t):
+        log_mean_coeff = self._log_mean_coeff(t)
+        mean = batch_mul(jnp.exp(log_mean_coeff), x)
+        std = 1.0 - jnp.exp(2.0 * log_mean_coeff)
+        return mean, std
+
+    def prior_sampling(self, rng, shape):
+        return jax.random.normal(rng, shape)
+
+    def prior_logp(self, z):
+        return _standard_normal_logp(z)
+
+    def langevin_alpha(self, t):
+        return jnp.asarray(self.alphas, jnp.float32)[_timestep(t, self.N, self.T)]
+
+
+class VESDE(SDE):
+    """Variance-exploding SDE, the continuous limit of SMLD / NCSN (Eq. 9)."""
+
+    discrete_objective = "smld"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
+        super().__init__(N)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        # SMLD's noise levels: geometric from sigma_min to sigma_max.
+        self.discrete_sigmas = np.exp(np.linspace(np.log(sigma_min), np.log(sigma_max), N))
+
+    @property
+    def T(self):
+        return 1.0
+
+    @property
+    def sampling_eps(self):
+        return 1e-5
+
+    def sigma(self, t):
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def sde(self, x, t):
+        drift = jnp.zeros_like(x)
+        diffusion = self.sigma(t) * np.sqrt(2 * (np.log(self.sigma_max) - np.log(self.sigma_min)))
+        return drift, diffusion
+
+    def marginal_prob(self, x, t):
+        return x, self.sigma(t)
+
+    def prior_sampling(self, rng, shape):
+        return jax.random.normal(rng, shape) * self.sigma_max
+
+    def prior_logp(self, z):
+        D = np.prod(z.shape[1:])
+        return (-D / 2.0 * np.log(2 * np.pi * self.sigma_max**2)
+                - _sum_except_batch(z**2) / (2 * self.sigma_max**2))
+
+    def _adjacent_sigmas(self, t):
+        i = _timestep(t, self.N, self.T)
+        sigmas = jnp.asarray(self.discrete_sigmas, jnp.float32)
+        sigma = sigmas[i]
+        adjacent = jnp.where(i == 0, jnp.zeros_like(sigma), sigmas[jnp.maximum(i - 1, 0)])
+        return sigma, adjacent
+
+    def discretize(self, x, t):
+        """SMLD: x_{i+1} = x_i + sqrt(sigma_i^2 - sigma_{i-1}^2) z_i."""
+        sigma, adjacent = self._adjacent_sigmas(t)
+        return jnp.zeros_like(x), jnp.sqrt(sigma**2 - adjacent**2)
+
+    def ancestral_update(self, x, t, score):
+        """SMLD ancestral step (Eq. 47)."""
+        sigma, adjacent = self._adjacent_sigmas(t)
+        x_mean = x + batch_mul(sigma**2 - adjacent**2, score)
+        std = jnp.sqrt(adjacent**2 * (sigma**2 - adjacent**2) / sigma**2)
+        return x_mean, std
+
+    def model_labels(self, t, continuous: bool = True):
+        if continuous:
+            return self.sigma(t)
+        # NCSN networks index their noise levels from sigma_max down to sigma_min.
+        return jnp.round((self.T - t) * (self.N - 1)).astype(jnp.int32)
+
+    def output_to_score(self, output, t, continuous: bool = True):
+        return output
+
+
+_SDES = {"vesde": VESDE, "vpsde": VPSDE, "subvpsde": subVPSDE}
+
+
+def get_sde(config) -> SDE:
+    """Builds the SDE named by `config.training.sde` from `config.model` hyperparameters."""
+    name = config.training.sde.lower()
+    if name not in _SDES:
+        raise ValueError(f"Unknown SDE {config.training.sde!r}; valid names: {sorted(_SDES)}.")
+    m = config.model
+    if name == "vesde":
+        return VESDE(sigma_min=m.sigma_min, sigma_max=m.sigma_max, N=m.num_scales)
+    return _SDES[name](beta_min=m.beta_min, beta_max=m.beta_max, N=m.num_scales)
