@@ -1,0 +1,50 @@
+"""python main.py --mode=train --config=configs/tiny_test.py \
+--workdir=workdir/tiny_test
+
+Expected: nothing meaningful; it exists so end-to-end tests run in seconds on a CPU.
+
+A few-step VE NCSN++ run on Fashion-MNIST with an 8-filter network (tests only).
+"""
+
+from configs.default_fashion_mnist_configs import get_default_configs
+
+
+def get_config():
+    config = get_default_configs()
+
+    training = config.training
+    training.sde = "vesde"
+    training.continuous = True
+    training.reduce_mean = False
+    training.batch_size = 8
+    training.n_iters = 6
+    training.n_jitted_steps = 2
+    training.snapshot_freq = 4
+    training.snapshot_freq_for_preemption = 2
+    training.eval_freq = 2
+    training.log_freq = 1
+
+    sampling = config.sampling
+    sampling.predictor = "reverse_diffusion"
+    sampling.corrector = "langevin"
+
+    evaluate = config.eval
+    evaluate.end_ckpt = 1
+    evaluate.batch_size = 8
+    evaluate.num_samples = 16
+
+    data = config.data
+    data.centered = False
+
+    model = config.model
+    model.name = "ncsnpp"
+    model.num_scales = 4
+    model.embedding_type = "fourier"
+    model.scale_by_sigma = True
+    model.nf = 8
+    model.ch_mult = (1, 2)
+    model.num_res_blocks = 1
+    model.attn_resolutions = (14,)
+    model.dropout = 0.0
+
+    return config

@@ -1,0 +1,27 @@
+"""python main.py --mode=train --config=configs/ve/celebahq_256_ncsnpp_continuous.py \
+--workdir=workdir/ve_celebahq_256_ncsnpp_continuous \
+--config.data.tfrecords_path=/path/to/celebahq-r08.tfrecords
+
+Reference parameter count: 65,574,549.
+
+256 px NCSN++, VE SDE, continuous objective, on CelebA-HQ 256 (TFRecords).
+"""
+
+from configs.default_lsun_configs import get_default_configs
+
+
+def get_config():
+    config = get_default_configs()
+
+    training = config.training
+    training.sde = "vesde"
+    training.continuous = True
+
+    data = config.data
+    data.dataset = "CelebAHQ"
+
+    model = config.model
+    model.name = "ncsnpp"
+    model.sigma_max = 348.0
+
+    return config

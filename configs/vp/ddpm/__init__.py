@@ -1,0 +1,1 @@
+"""Config variants; see configs/__init__.py."""

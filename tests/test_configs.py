@@ -1,0 +1,626 @@
+"""Tests for configs/: every config module is found by walking the folder, built, and checked.
+
+Checks: required sections and keys; valid SDE / predictor / corrector / model / dataset names;
+each variant only sets keys its dataset default defines (so configs can be locked); network
+shapes that cannot work (image size vs. ch_mult, attention at a resolution never reached);
+NCSN class count = noise levels; docstrings open with the command that runs the file; and the
+resolved values against the reference (yang-song/score_sde configs and /work/shared/REFERENCE.md),
+transcribed here independently of the config files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+import ml_collections
+import pytest
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+SECTIONS = ("training", "sampling", "eval", "data", "model", "optim")
+SDES = {"vesde", "vpsde", "subvpsde"}
+PREDICTORS = {"euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none"}
+CORRECTORS = {"langevin", "ald", "none"}
+MODELS = {"ncsnpp", "ddpm", "ncsn", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256"}
+DATASETS = {"CIFAR10", "SVHN", "CELEBA", "LSUN", "FFHQ", "CelebAHQ", "FashionMNIST", "MNIST"}
+
+
+def _module_name(path: pathlib.Path) -> str:
+    rel = path.relative_to(CONFIG_DIR.parent).with_suffix("")
+    return ".".join(rel.parts)
+
+
+def _discover() -> tuple[list[pathlib.Path], list[pathlib.Path]]:
+    defaults, variants = [], []
+    for path in sorted(CONFIG_DIR.rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        (defaults if path.name.startswith("default_") else variants).append(path)
+    return defaults, variants
+
+
+DEFAULT_PATHS, VARIANT_PATHS = _discover()
+VARIANT_IDS = [str(p.relative_to(CONFIG_DIR)) for p in VARIANT_PATHS]
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _load_variant(path: pathlib.Path):
+    module = importlib.import_module(_module_name(path))
+    return module, module.get_config()
+
+
+@pytest.fixture(scope="module")
+def variants() -> dict:
+    return {str(p.relative_to(CONFIG_DIR)): _load_variant(p) for p in VARIANT_PATHS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference values, resolved (default + overrides), for every config file.
+
+CIFAR = {
+    "data.dataset": "CIFAR10",
+    "data.image_size": 32,
+    "data.num_channels": 3,
+    "training.batch_size": 128,
+    "training.n_iters": 1300001,
+    "training.n_jitted_steps": 5,
+    "training.snapshot_freq": 50000,
+    "training.snapshot_freq_for_preemption": 10000,
+    "training.log_freq": 50,
+    "training.eval_freq": 100,
+    "sampling.snr": 0.16,
+    "sampling.n_steps_each": 1,
+    "sampling.noise_removal": True,
+    "model.sigma_min": 0.01,
+    "model.sigma_max": 50,
+    "model.num_scales": 1000,
+    "model.beta_min": 0.1,
+    "model.beta_max": 20,
+    "model.dropout": 0.1,
+    "optim.lr": 2e-4,
+    "optim.warmup": 5000,
+    "optim.grad_clip": 1.0,
+    "optim.beta1": 0.9,
+    "optim.eps": 1e-8,
+    "eval.batch_size": 1024,
+    "eval.num_samples": 50000,
+    "eval.begin_ckpt": 9,
+    "eval.end_ckpt": 26,
+    "seed": 42,
+}
+CELEBA = {
+    "data.dataset": "CELEBA",
+    "data.image_size": 64,
+    "training.batch_size": 128,
+    "sampling.snr": 0.17,
+    "model.sigma_max": 90,
+    "model.num_scales": 1000,
+    "eval.begin_ckpt": 1,
+    "eval.end_ckpt": 26,
+    "eval.enable_sampling": True,
+}
+LSUN = {
+    "data.image_size": 256,
+    "training.batch_size": 64,
+    "training.n_iters": 2400001,
+    "training.snapshot_freq_for_preemption": 5000,
+    "sampling.snr": 0.075,
+    "model.sigma_max": 378,
+    "model.num_scales": 2000,
+    "model.dropout": 0.0,
+    "eval.batch_size": 512,
+    "eval.begin_ckpt": 50,
+    "eval.end_ckpt": 96,
+}
+NCSNPP_32 = {
+    "model.name": "ncsnpp",
+    "model.nf": 128,
+    "model.ch_mult": (1, 2, 2, 2),
+    "model.num_res_blocks": 4,
+    "model.attn_resolutions": (16,),
+    "model.resblock_type": "biggan",
+    "model.skip_rescale": True,
+    "model.init_scale": 0.0,
+    "model.progressive": "none",
+    "model.progressive_combine": "sum",
+    "model.fir_kernel": [1, 3, 3, 1],
+    "model.normalization": "GroupNorm",
+    "model.nonlinearity": "swish",
+}
+VE_CONT = {
+    "training.sde": "vesde",
+    "training.continuous": True,
+    "training.reduce_mean": False,
+    "sampling.method": "pc",
+    "sampling.predictor": "reverse_diffusion",
+    "sampling.corrector": "langevin",
+    "data.centered": False,
+    "model.scale_by_sigma": True,
+    "model.ema_rate": 0.999,
+    "model.embedding_type": "fourier",
+    "model.fourier_scale": 16,
+    "model.fir": True,
+    "model.progressive_input": "residual",
+}
+VP_BASE = {
+    "training.reduce_mean": True,
+    "sampling.corrector": "none",
+    "data.centered": True,
+    "model.scale_by_sigma": False,
+    "model.ema_rate": 0.9999,
+}
+# The DDPM network has no embedding_type option (always sinusoidal), so only NCSN++ sets it.
+DDPMPP = {
+    **NCSNPP_32,
+    **VP_BASE,
+    "model.fir": False,
+    "model.progressive_input": "none",
+    "model.embedding_type": "positional",
+}
+NCSNPP_VP = {
+    **NCSNPP_32,
+    **VP_BASE,
+    "model.fir": True,
+    "model.progressive_input": "residual",
+    "model.embedding_type": "positional",
+}
+DDPM_32 = {
+    **VP_BASE,
+    "model.name": "ddpm",
+    "model.nf": 128,
+    "model.ch_mult": (1, 2, 2, 2),
+    "model.num_res_blocks": 2,
+    "model.attn_resolutions": (16,),
+    "model.conditional": True,
+}
+DEEP = {"training.n_iters": 950001, "model.num_res_blocks": 8}
+NCSNPP_256 = {
+    **VE_CONT,
+    "model.name": "ncsnpp",
+    "model.nf": 128,
+    "model.ch_mult": (1, 1, 2, 2, 2, 2, 2),
+    "model.num_res_blocks": 2,
+    "model.attn_resolutions": (16,),
+    "model.progressive": "output_skip",
+    "model.progressive_input": "input_skip",
+    "model.ema_rate": 0.999,
+}
+NCSNPP_1024 = {
+    **NCSNPP_256,
+    "data.image_size": 1024,
+    "training.batch_size": 8,
+    "model.nf": 16,
+    "model.ch_mult": (1, 2, 4, 8, 16, 32, 32, 32),
+    "model.num_res_blocks": 1,
+    "model.sigma_max": 1348,
+    "model.num_scales": 2000,
+    "model.ema_rate": 0.9999,
+    "sampling.snr": 0.15,
+    "eval.batch_size": 1024,
+    "eval.begin_ckpt": 1,
+    "eval.end_ckpt": 96,
+    "training.n_iters": 2400001,
+}
+NCSN_ANY = {
+    "training.sde": "vesde",
+    "training.continuous": False,
+    "sampling.predictor": "none",
+    "sampling.corrector": "ald",
+    "model.normalization": "InstanceNorm++",
+    "model.nonlinearity": "elu",
+    "model.nf": 128,
+    "model.interpolation": "bilinear",
+    "optim.warmup": 0,
+    "optim.grad_clip": -1.0,
+    "optim.optimizer": "Adam",
+}
+NCSN_V1 = {**NCSN_ANY, "model.name": "ncsn", "model.scale_by_sigma": False, "optim.lr": 1e-3}
+NCSN_V1_10 = {
+    **NCSN_V1,
+    "model.sigma_max": 1.0,
+    "model.num_scales": 10,
+    "sampling.n_steps_each": 100,
+    "sampling.snr": 0.316,
+}
+NCSN_V2 = {**NCSN_ANY, "model.scale_by_sigma": True, "optim.lr": 1e-4}
+LSUN_DDPM = {
+    **VP_BASE,
+    **LSUN,
+    "training.sde": "vpsde",
+    "training.continuous": False,
+    "sampling.predictor": "ancestral_sampling",
+    "model.name": "ddpm",
+    "model.num_scales": 1000,
+    "model.ch_mult": (1, 1, 2, 2, 4, 4),
+    "model.num_res_blocks": 2,
+    "model.attn_resolutions": (16,),
+    "optim.lr": 2e-5,
+}
+
+
+def _vp(sde, continuous, arch, predictor, **extra):
+    return {
+        **CIFAR,
+        **arch,
+        "training.sde": sde,
+        "training.continuous": continuous,
+        "sampling.predictor": predictor,
+        **extra,
+    }
+
+
+EXPECTED = {
+    "ve/cifar10_ncsnpp_continuous.py": {**CIFAR, **NCSNPP_32, **VE_CONT},
+    "ve/cifar10_ncsnpp.py": {
+        **CIFAR,
+        **NCSNPP_32,
+        **VE_CONT,
+        "training.continuous": False,
+        "model.embedding_type": "positional",
+    },
+    "ve/cifar10_ncsnpp_deep_continuous.py": {**CIFAR, **NCSNPP_32, **VE_CONT, **DEEP},
+    "ve/cifar10_ddpm.py": {
+        **CIFAR,
+        "training.sde": "vesde",
+        "training.continuous": False,
+        "model.name": "ddpm",
+        "model.scale_by_sigma": True,
+        "model.ema_rate": 0.999,
+        "model.num_res_blocks": 2,
+        "sampling.predictor": "reverse_diffusion",
+        "sampling.corrector": "langevin",
+    },
+    "ve/celeba_ncsnpp.py": {
+        **CELEBA,
+        **NCSNPP_32,
+        **VE_CONT,
+        "training.continuous": False,
+        "model.embedding_type": "positional",
+    },
+    "ve/bedroom_ncsnpp_continuous.py": {
+        **LSUN,
+        **NCSNPP_256,
+        "data.dataset": "LSUN",
+        "data.category": "bedroom",
+    },
+    "ve/church_ncsnpp_continuous.py": {
+        **LSUN,
+        **NCSNPP_256,
+        "data.dataset": "LSUN",
+        "data.category": "church_outdoor",
+        "model.sigma_max": 380,
+    },
+    "ve/ffhq_256_ncsnpp_continuous.py": {
+        **LSUN,
+        **NCSNPP_256,
+        "data.dataset": "FFHQ",
+        "model.sigma_max": 348,
+    },
+    "ve/celebahq_256_ncsnpp_continuous.py": {
+        **LSUN,
+        **NCSNPP_256,
+        "data.dataset": "CelebAHQ",
+        "model.sigma_max": 348,
+    },
+    "ve/ffhq_ncsnpp_continuous.py": {
+        **NCSNPP_1024,
+        "data.dataset": "FFHQ",
+        "training.reduce_mean": True,
+    },
+    "ve/celebahq_ncsnpp_continuous.py": {
+        **NCSNPP_1024,
+        "data.dataset": "CelebAHQ",
+        "training.reduce_mean": False,
+    },
+    "ve/ncsn/cifar10.py": {**CIFAR, **NCSN_V1_10, "model.ema_rate": 0.0},
+    "ve/ncsn/cifar10_5.py": {**CIFAR, **NCSN_V1_10, "model.ema_rate": 0.999},
+    "ve/ncsn/cifar10_124.py": {
+        **CIFAR,
+        **NCSN_V1,
+        "model.num_scales": 232,
+        "model.sigma_max": 50,
+        "sampling.n_steps_each": 5,
+        "sampling.snr": 0.176,
+        "model.ema_rate": 0.0,
+    },
+    "ve/ncsn/cifar10_1245.py": {
+        **CIFAR,
+        **NCSN_V1,
+        "model.num_scales": 232,
+        "model.sigma_max": 50,
+        "sampling.n_steps_each": 5,
+        "sampling.snr": 0.176,
+        "model.ema_rate": 0.999,
+    },
+    "ve/ncsn/celeba.py": {**CELEBA, **NCSN_V1_10, "model.ema_rate": 0.0},
+    "ve/ncsn/celeba_5.py": {**CELEBA, **NCSN_V1_10, "model.ema_rate": 0.999},
+    "ve/ncsn/celeba_124.py": {
+        **CELEBA,
+        **NCSN_V1,
+        "model.num_scales": 500,
+        "model.sigma_max": 90,
+        "sampling.n_steps_each": 5,
+        "sampling.snr": 0.128,
+        "model.ema_rate": 0.0,
+    },
+    "ve/ncsn/celeba_1245.py": {
+        **CELEBA,
+        **NCSN_V1,
+        "model.num_scales": 500,
+        "model.sigma_max": 90,
+        "sampling.n_steps_each": 5,
+        "sampling.snr": 0.128,
+        "model.ema_rate": 0.999,
+    },
+    "ve/ncsnv2/cifar10.py": {
+        **CIFAR,
+        **NCSN_V2,
+        "model.name": "ncsnv2_64",
+        "model.num_scales": 232,
+        "model.sigma_max": 50,
+        "sampling.n_steps_each": 5,
+        "sampling.snr": 0.176,
+        "model.ema_rate": 0.999,
+    },
+    "ve/ncsnv2/celeba.py": {
+        **CELEBA,
+        **NCSN_V2,
+        "model.name": "ncsnv2_64",
+        "model.num_scales": 500,
+        "sampling.n_steps_each": 5,
+        "sampling.snr": 0.128,
+        "model.ema_rate": 0.999,
+    },
+    "ve/ncsnv2/bedroom.py": {
+        **NCSN_V2,
+        "data.dataset": "LSUN",
+        "data.category": "bedroom",
+        "data.image_size": 128,
+        "training.batch_size": 128,
+        "model.name": "ncsnv2_128",
+        "model.sigma_max": 190,
+        "model.sigma_min": 0.01,
+        "model.num_scales": 1086,
+        "model.ema_rate": 0.9999,
+        "sampling.n_steps_each": 3,
+        "sampling.snr": 0.095,
+    },
+    "vp/cifar10_ddpmpp.py": _vp("vpsde", False, DDPMPP, "ancestral_sampling"),
+    "vp/cifar10_ddpmpp_continuous.py": _vp("vpsde", True, DDPMPP, "euler_maruyama"),
+    "vp/cifar10_ddpmpp_deep_continuous.py": {
+        **_vp("vpsde", True, DDPMPP, "euler_maruyama"),
+        **DEEP,
+    },
+    "vp/cifar10_ncsnpp.py": _vp("vpsde", False, NCSNPP_VP, "reverse_diffusion"),
+    "vp/cifar10_ncsnpp_continuous.py": _vp("vpsde", True, NCSNPP_VP, "euler_maruyama"),
+    "vp/cifar10_ncsnpp_deep_continuous.py": {
+        **_vp("vpsde", True, NCSNPP_VP, "euler_maruyama"),
+        **DEEP,
+    },
+    "vp/ddpm/cifar10.py": _vp("vpsde", False, DDPM_32, "ancestral_sampling"),
+    "vp/ddpm/cifar10_continuous.py": _vp("vpsde", True, DDPM_32, "euler_maruyama"),
+    "vp/ddpm/cifar10_unconditional.py": _vp(
+        "vpsde", False, DDPM_32, "ancestral_sampling", **{"model.conditional": False}
+    ),
+    "vp/ddpm/bedroom.py": {**LSUN_DDPM, "data.dataset": "LSUN", "data.category": "bedroom"},
+    "vp/ddpm/church.py": {**LSUN_DDPM, "data.dataset": "LSUN", "data.category": "church_outdoor"},
+    "vp/ddpm/celebahq.py": {**LSUN_DDPM, "data.dataset": "CelebAHQ"},
+    "subvp/cifar10_ddpm_continuous.py": _vp("subvpsde", True, DDPM_32, "euler_maruyama"),
+    "subvp/cifar10_ddpmpp_continuous.py": _vp("subvpsde", True, DDPMPP, "euler_maruyama"),
+    "subvp/cifar10_ddpmpp_deep_continuous.py": {
+        **_vp("subvpsde", True, DDPMPP, "euler_maruyama"),
+        **DEEP,
+    },
+    "subvp/cifar10_ncsnpp_continuous.py": _vp("subvpsde", True, NCSNPP_VP, "euler_maruyama"),
+    "subvp/cifar10_ncsnpp_deep_continuous.py": {
+        **_vp("subvpsde", True, NCSNPP_VP, "euler_maruyama"),
+        **DEEP,
+    },
+    # Project additions: the values the lead specified.
+    "vp/fashion_mnist_ddpmpp_quickstart.py": {
+        "data.dataset": "FashionMNIST",
+        "data.image_size": 28,
+        "data.num_channels": 1,
+        "data.centered": True,
+        "data.random_flip": False,
+        "data.data_dir": "/usr/share/datasets/fashion-mnist",
+        "training.sde": "vpsde",
+        "training.continuous": True,
+        "model.name": "ncsnpp",
+        "model.nf": 32,
+        "model.ch_mult": (1, 2, 2),
+        "model.num_res_blocks": 1,
+        "model.attn_resolutions": (7,),
+        "model.resblock_type": "biggan",
+        "model.fir": False,
+        "model.skip_rescale": True,
+        "model.embedding_type": "positional",
+        "model.progressive": "none",
+        "model.progressive_input": "none",
+        "model.conditional": True,
+        "model.dropout": 0.0,
+        "model.init_scale": 0.0,
+        "model.scale_by_sigma": False,
+        "model.ema_rate": 0.999,
+        "model.num_scales": 500,
+        "training.batch_size": 64,
+        "training.n_iters": 4001,
+        "training.n_jitted_steps": 5,
+        "optim.lr": 2e-3,
+        "optim.warmup": 200,
+        "optim.grad_clip": 1.0,
+        "training.snapshot_freq": 2000,
+        "training.snapshot_freq_for_preemption": 500,
+        "training.log_freq": 100,
+        "training.eval_freq": 500,
+        "sampling.predictor": "euler_maruyama",
+        "sampling.corrector": "none",
+        "eval.batch_size": 64,
+        "eval.num_samples": 64,
+    },
+    "tiny_test.py": {
+        "data.dataset": "FashionMNIST",
+        "data.image_size": 28,
+        "data.num_channels": 1,
+        "training.sde": "vesde",
+        "model.name": "ncsnpp",
+        "model.nf": 8,
+        "model.ch_mult": (1, 2),
+        "model.num_res_blocks": 1,
+        "model.attn_resolutions": (14,),
+        "training.batch_size": 8,
+        "training.n_jitted_steps": 2,
+        "training.n_iters": 6,
+        "training.snapshot_freq": 4,
+        "training.snapshot_freq_for_preemption": 2,
+        "training.eval_freq": 2,
+        "training.log_freq": 1,
+        "model.num_scales": 4,
+        "eval.batch_size": 8,
+        "eval.num_samples": 16,
+    },
+}
+
+PROJECT_KEYS = {
+    "data.data_dir": None,
+    "data.tfrecords_path": "",
+    "data.category": "",
+    "eval.inception_weights": "",
+    "eval.num_rounds_fast": 0,
+    "eval.fast_fid_num_samples": 1000,
+    "eval.bpd_num_repeats": 5,
+    "eval.show_progress": True,
+    "training.max_ckpts_to_keep": 0,
+    "training.log_progress": True,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_discovery_finds_every_reference_config():
+    # The walk, not a hand list, decides what the other tests cover; this pins it to the
+    # reference's file list plus the project's two additions.
+    assert sorted(VARIANT_IDS) == sorted(EXPECTED)
+    assert sorted(p.name for p in DEFAULT_PATHS) == [
+        "default_celeba_configs.py",
+        "default_cifar10_configs.py",
+        "default_fashion_mnist_configs.py",
+        "default_lsun_configs.py",
+    ]
+
+
+def test_every_folder_is_a_package():
+    for folder in [CONFIG_DIR, *[p for p in CONFIG_DIR.rglob("*") if p.is_dir()]]:
+        if folder.name == "__pycache__":
+            continue
+        assert (folder / "__init__.py").is_file(), folder
+
+
+def test_defaults_share_one_key_set_with_project_keys():
+    flats = {
+        p.name: _flat(importlib.import_module(_module_name(p)).get_default_configs())
+        for p in DEFAULT_PATHS
+    }
+    key_sets = {name: set(flat) for name, flat in flats.items()}
+    first = next(iter(key_sets.values()))
+    for name, keys in key_sets.items():
+        assert keys == first, (name, keys ^ first)
+    for name, flat in flats.items():
+        for key, value in PROJECT_KEYS.items():
+            assert key in flat, (name, key)
+            if value is not None:
+                assert flat[key] == value, (name, key, flat[key])
+        expected_dir = "/usr/share/datasets/fashion-mnist" if "fashion" in name else ""
+        assert flat["data.data_dir"] == expected_dir
+
+
+@pytest.mark.parametrize("rel", VARIANT_IDS)
+def test_variant_structure(variants, rel):
+    module, config = variants[rel]
+    assert isinstance(config, ml_collections.ConfigDict)
+    for section in SECTIONS:
+        assert isinstance(config[section], ml_collections.ConfigDict), section
+    assert isinstance(config.seed, int)
+    default = module.get_default_configs()
+    extra = set(_flat(config)) - set(_flat(default))
+    assert not extra, f"{rel} sets keys its default lacks: {sorted(extra)}"
+    assert config.training.sde in SDES
+    assert config.sampling.method in {"pc", "ode"}
+    assert config.sampling.predictor in PREDICTORS
+    assert config.sampling.corrector in CORRECTORS
+    assert config.model.name in MODELS
+    assert config.data.dataset in DATASETS
+    assert config.training.batch_size % 1 == 0 and config.training.batch_size > 0
+    assert config.eval.begin_ckpt <= config.eval.end_ckpt
+
+
+@pytest.mark.parametrize("rel", VARIANT_IDS)
+def test_variant_shapes_and_schedules(variants, rel):
+    _, config = variants[rel]
+    model, data, training = config.model, config.data, config.training
+    if model.name in {"ncsnpp", "ddpm"}:
+        depth = len(model.ch_mult) - 1
+        assert data.image_size % 2**depth == 0, (data.image_size, model.ch_mult)
+        reached = {data.image_size // 2**i for i in range(depth + 1)}
+        assert set(model.attn_resolutions) <= reached, (model.attn_resolutions, reached)
+    if model.name.startswith("ncsn") and model.name != "ncsnpp":
+        assert model.num_classes == model.num_scales
+    if data.dataset == "LSUN":
+        assert data.category in {"bedroom", "church_outdoor"}
+    if data.dataset in {"FFHQ", "CelebAHQ"}:
+        assert data.image_size in {256, 1024}
+    # The train loop advances n_jitted_steps at a time, so a period fires every
+    # lcm(period, n_jitted_steps) steps; keep it the period itself (or every call).
+    jit = training.n_jitted_steps
+    for name in ("snapshot_freq", "snapshot_freq_for_preemption", "log_freq", "eval_freq"):
+        assert training[name] % jit == 0 or jit % training[name] == 0, name
+    if config.sampling.predictor == "ancestral_sampling":
+        assert training.sde in {"vesde", "vpsde"}  # the reference has no sub-VP ancestral rule
+
+
+@pytest.mark.parametrize("rel", VARIANT_IDS)
+def test_variant_matches_reference(variants, rel):
+    flat = _flat(variants[rel][1])
+    for key, want in EXPECTED[rel].items():
+        got = flat[key]
+        if isinstance(want, float) or isinstance(got, float):
+            assert got == pytest.approx(want), (key, got, want)
+        else:
+            assert got == want, (key, got, want)
+
+
+@pytest.mark.parametrize("rel", VARIANT_IDS)
+def test_docstring_opens_with_its_command(variants, rel):
+    module, _ = variants[rel]
+    first_line = module.__doc__.splitlines()[0]
+    assert first_line.startswith(f"python main.py --mode=train --config=configs/{rel} ")
+    assert "--workdir=workdir/" in first_line
+
+
+def test_variants_are_independent_copies():
+    # get_config() must build a fresh dict each call so one run's edits cannot leak.
+    path = CONFIG_DIR / "ve" / "cifar10_ncsnpp_continuous.py"
+    module = importlib.import_module(_module_name(path))
+    a, b = module.get_config(), module.get_config()
+    a.model.nf = 7
+    assert b.model.nf == 128
+
+
+def test_locked_config_accepts_overrides_and_rejects_typos():
+    module = importlib.import_module("configs.vp.fashion_mnist_ddpmpp_quickstart")
+    config = module.get_config()
+    config.lock()
+    config.model.nf = 16
+    assert config.model.nf == 16
+    with pytest.raises(AttributeError):
+        config.training.continuouse = False
