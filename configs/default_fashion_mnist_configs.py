@@ -40,6 +40,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
     sampling.noise_removal = True  # final denoising step
     sampling.probability_flow = False
     sampling.snr = 0.16
+    sampling.ode_method = "dopri5"  # 'dopri5' (on device, diffrax) | 'scipy_rk45' (paper)
+    sampling.ode_rtol = 1e-5
+    sampling.ode_atol = 1e-5
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.begin_ckpt = 1
@@ -52,10 +55,13 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.bpd_dataset = "test"  # 'train' | 'test'
     evaluate.bpd_num_repeats = 5  # passes over the dataset averaged for bits/dim
     evaluate.inception_weights = ""  # local pytorch-fid .pth; '' = cache, download once
-    # Fast FID: when > 0, evaluation also runs this many quick rounds of
-    # `fast_fid_num_samples` samples each (a cheap, noisier FID); 0 disables it.
-    evaluate.num_rounds_fast = 0
+    # Fast FID across a checkpoint range: score every checkpoint on only
+    # `fast_fid_num_samples` samples (noisier, much cheaper) instead of `num_samples`.
+    evaluate.fast_fid = False
     evaluate.fast_fid_num_samples = 1000
+    evaluate.num_bpd_batches = 0  # bits/dim on this many batches per pass; 0 = all
+    evaluate.ckpt_wait_secs = 86400  # how long to wait for a checkpoint not yet written
+    evaluate.stats_dir = "assets/stats"  # dataset Inception statistics (--mode=fid_stats)
     evaluate.show_progress = True  # progress bars on long sampling / evaluation loops
 
     config.data = data = ml_collections.ConfigDict()

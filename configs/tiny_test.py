@@ -22,7 +22,7 @@ def get_config():
     training.snapshot_freq = 4
     training.snapshot_freq_for_preemption = 2
     training.eval_freq = 2
-    training.log_freq = 1
+    training.log_freq = 2
 
     sampling = config.sampling
     sampling.predictor = "reverse_diffusion"
