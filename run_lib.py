@@ -429,23 +429,6 @@ def _snapshot_samples(sample_fn, state, step, workdir, is_chief):
 # Evaluation
 
 
-_NATIVE_SIZE = {"CIFAR10": 32, "SVHN": 32, "CELEBA": 64, "MNIST": 28, "FashionMNIST": 28}
-
-
-def stats_path(config) -> str:
-    """Where `--mode=fid_stats` writes, and evaluation reads, the dataset's Inception stats.
-
-    `<stats_dir>/<dataset>[_<category>][_<image_size>]_stats.npz`; the size is part of the
-    name unless it is the dataset's native resolution.
-    """
-    name = config.data.dataset.lower()
-    if config.data.dataset == "LSUN":
-        name += f"_{config.data.category}"
-    if _NATIVE_SIZE.get(config.data.dataset) != config.data.image_size:
-        name += f"_{config.data.image_size}"
-    return os.path.join(config.eval.stats_dir, f"{name}_stats.npz")
-
-
 def _progress(iterable, total, desc, config):
     if not (config.eval.show_progress and jax.process_index() == 0):
         return iterable
@@ -454,7 +437,7 @@ def _progress(iterable, total, desc, config):
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
 
 
-def _inception(config, mesh):
+def _inception(config):
     """The Inception feature function, loaded before anything is compiled."""
     import evaluation
 
@@ -514,15 +497,10 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> None:
     # Everything that can fail on bad input happens before the first compile.
     inception_fn = data_pool = None
     if ec.enable_sampling:
+        import evaluation
 
-        path = stats_path(config)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"Dataset statistics {path} not found; compute them with `python main.py "
-                f"--mode=fid_stats --config=<this config> --workdir={workdir}` or set "
-                "config.eval.stats_dir.")
-        data_pool = np.load(path)["pool_3"]
-        inception_fn = _inception(config, mesh)
+        data_pool = evaluation.load_dataset_stats(config)["pool_3"]
+        inception_fn = _inception(config)
     sde, model = _build(config)
     scaler = datasets.get_data_scaler(config)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
@@ -654,14 +632,13 @@ def _sample_rounds(config, ckpt, state, ckpt_rng, sample_fn, inception_fn, data_
 def fid_stats(config, workdir: str | None = None) -> str:
     """Inception pool_3 features of every training image (uint8, no dequantization).
 
-    Writes `stats_path(config)` with key 'pool_3' and returns its path.
+    Writes `evaluation.dataset_stats_path(config)` with key 'pool_3'; returns its path.
     """
     validate_config(config, "eval")
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    mesh = make_mesh()
-    inception_fn = _inception(config, mesh)
+    inception_fn = _inception(config)
     train_ds, _, _ = datasets.get_dataset(config, uniform_dequantization=False,
                                           evaluation=True)
     pools = []
@@ -672,9 +649,10 @@ def fid_stats(config, workdir: str | None = None) -> str:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         pools = np.asarray(multihost_utils.process_allgather(pools, tiled=True))
-    path = stats_path(config)
+    import evaluation
+
+    path = evaluation.dataset_stats_path(config)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        _atomic_savez(path, pool_3=pools)
+        evaluation.save_stats(path, pools)
     logging.info("Wrote Inception statistics of %d images to %s", len(pools), path)
     return path
