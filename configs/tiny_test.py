@@ -47,4 +47,9 @@ def get_config():
     model.attn_resolutions = (14,)
     model.dropout = 0.0
 
+    # No warmup, so that a handful of steps visibly moves the parameters.
+    optim = config.optim
+    optim.lr = 1e-3
+    optim.warmup = 0
+
     return config

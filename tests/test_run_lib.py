@@ -1,0 +1,312 @@
+"""End-to-end runs of main.py on the tiny config: train, kill and resume, evaluate, scale out.
+
+The runs are subprocesses (as a user would start them), on a tiny Fashion-MNIST subset that
+the tests write as IDX files, so each run takes seconds after compilation.
+"""
+
+import gzip
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import run_lib
+from configs import tiny_test
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION = "/usr/share/datasets/fashion-mnist"
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _write_idx(path, array):
+    dtype_code = {np.uint8: 0x08}[array.dtype.type]
+    header = struct.pack(">HBB", 0, dtype_code, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def _read_idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return np.frombuffer(data[4 + 4 * ndim:], np.uint8).reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The first 64 training and 32 test images of the real Fashion-MNIST, as IDX files."""
+    folder = tmp_path_factory.mktemp("fashion_subset")
+    for split, n in (("train", 64), ("t10k", 32)):
+        images = _read_idx(f"{FASHION}/{split}-images-idx3-ubyte.gz")[:n]
+        labels = _read_idx(f"{FASHION}/{split}-labels-idx1-ubyte.gz")[:n]
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", np.ascontiguousarray(images))
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.ascontiguousarray(labels))
+    return str(folder)
+
+
+def _main_args(mode, workdir, data_dir, *overrides):
+    return [sys.executable, os.path.join(ROOT, "main.py"), f"--mode={mode}",
+            f"--config={os.path.join(ROOT, 'configs', 'tiny_test.py')}",
+            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *overrides]
+
+
+TRAIN = ("--config.training.n_iters=12", "--config.training.snapshot_freq=6",
+         "--config.training.snapshot_freq_for_preemption=2")
+
+
+def _run(args, timeout=900):
+    proc = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _restore_params(path):
+    import orbax.checkpoint as ocp
+
+    tree = ocp.StandardCheckpointer().restore(os.path.join(path, "default"))
+    return tree
+
+
+def _meta_steps(workdir):
+    folder = os.path.join(workdir, "checkpoints-meta")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """An uninterrupted run and a run SIGKILLed mid-training then restarted, side by side."""
+    root = tmp_path_factory.mktemp("train")
+    straight, killed = str(root / "straight"), str(root / "killed")
+    first = subprocess.Popen(_main_args("train", straight, data_dir, *TRAIN), cwd=ROOT, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(_main_args("train", killed, data_dir, *TRAIN), cwd=ROOT, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while not any(s >= 4 for s in _meta_steps(killed)):
+        assert victim.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = max(_meta_steps(killed))
+    assert killed_at < 12
+    _run(_main_args("train", killed, data_dir, *TRAIN))
+    _, err = first.communicate(timeout=900)
+    assert first.returncode == 0, err[-4000:]
+    return {"straight": straight, "killed": killed, "killed_at": killed_at, "log": err}
+
+
+def test_training_writes_documented_files(trained):
+    workdir = trained["straight"]
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["training"]["n_iters"] == 12 and saved["model"]["name"] == "ncsnpp"
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
+        "checkpoint_1", "checkpoint_2"]
+    assert _meta_steps(workdir) == [12]
+    for step in (6, 12):
+        folder = os.path.join(workdir, "samples", f"iter_{step}")
+        samples = np.load(os.path.join(folder, "sample.npz"))["samples"]
+        assert samples.shape == (8, 28, 28, 1) and samples.dtype == np.uint8
+        assert os.path.getsize(os.path.join(folder, "sample.png")) > 0
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert "steps/s" in trained["log"] and "ETA" in trained["log"]
+
+
+def test_killed_and_resumed_training_is_bit_exact(trained):
+    assert 4 <= trained["killed_at"] < 12
+    a = _restore_params(os.path.join(trained["straight"], "checkpoints", "checkpoint_2"))
+    b = _restore_params(os.path.join(trained["killed"], "checkpoints", "checkpoint_2"))
+    import jax
+
+    leaves_a = jax.tree_util.tree_leaves_with_path(a)
+    leaves_b = jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+    assert int(a["step"]) == int(b["step"]) == 12
+    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+def test_restart_after_finish_does_nothing_and_keeps_checkpoints(trained, data_dir):
+    workdir = trained["straight"]
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    proc = _run(_main_args("train", workdir, data_dir, *TRAIN))
+    assert "nothing to do" in proc.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A pytorch-fid-layout weight file with random values, written without PyTorch."""
+    import evaluation
+
+    path = str(tmp_path_factory.mktemp("inception") / "pt_inception-random.pth")
+    sd = evaluation.flax_to_torch_state_dict(evaluation.init_random_variables(seed=0))
+    evaluation.save_torch_state_dict(path, sd)
+    return path
+
+
+EVAL = ("--config.eval.enable_sampling=True", "--config.eval.enable_bpd=True",
+        "--config.eval.enable_loss=True", "--config.eval.num_bpd_batches=1",
+        "--config.eval.bpd_num_repeats=1", "--config.eval.begin_ckpt=2",
+        "--config.eval.end_ckpt=2", "--config.eval.num_samples=16",
+        "--config.eval.ckpt_wait_secs=5", "--config.eval.show_progress=False")
+
+
+def test_fid_stats_then_eval_writes_files_and_resumes(trained, data_dir, inception_weights,
+                                                      tmp_path):
+    workdir = trained["straight"]
+    stats_dir = str(tmp_path / "stats")
+    common = (f"--config.eval.inception_weights={inception_weights}",
+              f"--config.eval.stats_dir={stats_dir}")
+    _run(_main_args("fid_stats", workdir, data_dir, *common))
+    stats = np.load(os.path.join(stats_dir, "fashionmnist_stats.npz"))["pool_3"]
+    assert stats.shape == (64, 2048) and np.all(np.isfinite(stats))
+
+    _run(_main_args("eval", workdir, data_dir, *common, *EVAL, "--eval_folder=eval_a"))
+    eval_a = os.path.join(workdir, "eval_a")
+    for name in ("ckpt_2_loss.npz", "ckpt_2_bpd.npz", "report_2.npz", "summary.json",
+                 "ckpt_2/samples_0.npz", "ckpt_2/samples_1.npz", "ckpt_2/statistics_0.npz",
+                 "ckpt_2/statistics_1.npz"):
+        assert os.path.exists(os.path.join(eval_a, name)), name
+    with open(os.path.join(eval_a, "summary.json")) as f:
+        summary = json.load(f)["2"]
+    assert summary["step"] == 12 and summary["num_samples"] == 16
+    for key in ("loss", "bpd", "IS", "FID", "KID"):
+        assert np.isfinite(summary[key]), key
+    assert summary["bpd"] > 0 and summary["IS"] >= 1.0 and summary["FID"] > 0
+    stats0 = np.load(os.path.join(eval_a, "ckpt_2", "statistics_0.npz"))
+    assert stats0["pool_3"].shape == (8, 2048) and stats0["logits"].shape == (8, 1008)
+
+    # Kill an evaluation after its first sampling round; the resumed one must agree exactly.
+    eval_b = os.path.join(workdir, "eval_b")
+    victim = subprocess.Popen(_main_args("eval", workdir, data_dir, *common, *EVAL,
+                                         "--eval_folder=eval_b"),
+                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    first_round = os.path.join(eval_b, "ckpt_2", "statistics_0.npz")
+    deadline = time.time() + 900
+    while not os.path.exists(first_round) and victim.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    _run(_main_args("eval", workdir, data_dir, *common, *EVAL, "--eval_folder=eval_b"))
+    report_a = np.load(os.path.join(eval_a, "report_2.npz"))
+    report_b = np.load(os.path.join(eval_b, "report_2.npz"))
+    for key in ("IS", "fid", "kid"):
+        assert float(report_a[key]) == float(report_b[key]), key
+    for r in range(2):
+        np.testing.assert_array_equal(
+            np.load(os.path.join(eval_a, "ckpt_2", f"samples_{r}.npz"))["samples"],
+            np.load(os.path.join(eval_b, "ckpt_2", f"samples_{r}.npz"))["samples"])
+
+
+def test_eval_without_stats_fails_clearly(trained, data_dir, tmp_path):
+    args = _main_args("eval", trained["straight"], data_dir, *EVAL,
+                      f"--config.eval.stats_dir={tmp_path}")
+    proc = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--mode=fid_stats" in proc.stderr and "fashionmnist_stats.npz" in proc.stderr
+
+
+def test_bad_values_fail_before_compiling(tmp_path):
+    workdir = str(tmp_path / "w")
+    proc = subprocess.run(_main_args("train", workdir, FASHION,
+                                     "--config.training.sde=vpsd",
+                                     "--config.sampling.predictor=euler"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "config.training.sde='vpsd'; valid: ['vesde', 'vpsde', 'subvpsde']" in proc.stderr
+    assert "Unknown predictor 'euler'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+    proc = subprocess.run(_main_args("sample", workdir, FASHION), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "train, eval, fid_stats" in proc.stderr
+    proc = subprocess.run(_main_args("train", workdir, FASHION, "--config.training.nitters=3"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "nitters" in proc.stderr
+
+
+def test_validate_config_lists_every_problem(monkeypatch):
+    config = tiny_test.get_config()
+    config.unlock()
+    config.model.name = "unet"
+    config.data.dataset = "ImageNet"
+    config.training.log_freq = 3
+    with pytest.raises(run_lib.ConfigError) as err:
+        run_lib.validate_config(config)
+    message = str(err.value)
+    assert "Unknown model 'unet'; valid names" in message
+    assert "config.data.dataset='ImageNet'; valid:" in message
+    assert "config.training.log_freq=3 must be a positive multiple" in message
+    import jax
+
+    config = tiny_test.get_config()
+    monkeypatch.setattr(jax, "device_count", lambda: 3)
+    with pytest.raises(run_lib.ConfigError, match="batch_size=8 must be a positive multiple "
+                                                  "of the device count 3"):
+        run_lib.validate_config(config)
+
+
+def _worker(mode, *args, devices=None):
+    env = dict(ENV)
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "distributed_worker.py"),
+                             mode, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc):
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-4000:]
+    line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_sharded_steps_agree_across_devices_and_processes():
+    port = _free_port()
+    procs = {
+        "four": _worker("single", devices=4),
+        "one": _worker("one_device", devices=4),
+        "p0": _worker("multi", f"localhost:{port}", "2", "0"),
+        "p1": _worker("multi", f"localhost:{port}", "2", "1"),
+    }
+    results = {name: _result(proc) for name, proc in procs.items()}
+    assert results["four"]["devices"] == 4 and results["one"]["devices"] == 4
+    assert results["p0"]["processes"] == results["p1"]["processes"] == 2
+    assert results["p0"]["devices"] == 2
+    # Two processes hold the same replicated state, bit for bit.
+    assert results["p0"]["param_sums"] == results["p1"]["param_sums"]
+    assert results["p0"]["losses"] == results["p1"]["losses"]
+    # 4 devices, 2 processes and 1 device train on the same global batches: same numbers up
+    # to the order of floating-point reductions.
+    reference = results["one"]
+    for name in ("four", "p0"):
+        got = results[name]
+        assert got["step"] == reference["step"] == 6
+        np.testing.assert_allclose(got["losses"], reference["losses"], rtol=2e-5)
+        np.testing.assert_allclose(got["eval_loss"], reference["eval_loss"], rtol=2e-5)
+        np.testing.assert_allclose(got["param_sums"], reference["param_sums"], rtol=1e-5)
+        np.testing.assert_allclose(got["first_leaf"], reference["first_leaf"], rtol=1e-4,
+                                   atol=1e-6)
