@@ -142,8 +142,8 @@ def get_step_fn(sde: SDE, model, train: bool, optimizer=None, reduce_mean: bool 
                 ema_rate: float = 0.999):
     """Returns step_fn(state, batch) -> (state, losses) running one step per leading slice.
 
-    `batch` is [n_steps, B, H, W, C]: the steps run sequentially inside one `lax.scan`, so
-    n_jitted_steps steps cost one dispatch. Each step's randomness is
+    `batch` is [n_steps, B, H, W, C]: the steps run sequentially inside one program (a
+    `lax.scan` on accelerators, unrolled on CPU), so n_jitted_steps steps cost one dispatch. Each step's randomness is
     fold_in(state.rng, state.step), so a resumed run repeats an uninterrupted one exactly.
     Training applies `optimizer` (an optax transformation) and updates the EMA of the
     parameters; evaluation computes the loss of `params_ema` and leaves the state unchanged.
@@ -169,7 +169,16 @@ def get_step_fn(sde: SDE, model, train: bool, optimizer=None, reduce_mean: bool 
         return state, loss
 
     def step_fn(state, batch):
-        return jax.lax.scan(one_step, state, batch)
+        if jax.default_backend() != "cpu":
+            return jax.lax.scan(one_step, state, batch)
+        # XLA:CPU runs a train step 10-15x slower inside a while loop than straight-line
+        # (3.9 s vs 0.25 s for the quickstart model at batch 16, forward passes alone are
+        # unaffected), so on CPU the steps are unrolled; a scan of length 1 is still a loop.
+        step_losses = []
+        for i in range(batch.shape[0]):
+            state, loss = one_step(state, batch[i])
+            step_losses.append(loss)
+        return state, jnp.stack(step_losses)
 
     return step_fn
 

@@ -1,0 +1,91 @@
+"""DDPM's U-Net (Ho et al. 2020), the model behind the paper's vp/ddpm and ve/ddpm configs.
+
+Timestep labels get a sinusoidal embedding and a two-layer MLP; every residual block adds
+the embedding as a per-channel bias. Options in `config.model`: nf, ch_mult, num_res_blocks,
+attn_resolutions, dropout, resamp_with_conv, conditional, nonlinearity, scale_by_sigma.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models import layers
+from models.utils import register_model
+
+
+@register_model(name="ddpm")
+class DDPM(nn.Module):
+    """DDPM score / noise-prediction network.
+
+    __call__(x [B, H, W, C], labels [B], train) -> [B, H, W, C]. `labels` are timestep
+    indices (floats allowed, e.g. 999 t); with scale_by_sigma they index the VE noise levels.
+    """
+
+    config: object
+
+    @nn.compact
+    def __call__(self, x, labels, train: bool = True):
+        config = self.config
+        m = config.model
+        act = layers.get_act(config)
+        nf = m.nf
+        ch_mult = tuple(m.ch_mult)
+        num_res_blocks = m.num_res_blocks
+        attn_resolutions = tuple(m.attn_resolutions)
+        num_resolutions = len(ch_mult)
+        size = config.data.image_size
+        if size % (2 ** (num_resolutions - 1)) != 0:
+            raise ValueError(f"image_size {size} is not divisible by 2^(len(ch_mult) - 1) = "
+                             f"{2 ** (num_resolutions - 1)}.")
+
+        if m.conditional:
+            temb = layers.get_timestep_embedding(labels, nf)
+            temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(temb)
+            temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(act(temb))
+        else:
+            temb = None
+
+        ResnetBlock = functools.partial(layers.ResnetBlockDDPM, act=act, dropout=m.dropout)
+
+        # Data in [0, 1] is mapped to [-1, 1]; centered data already is.
+        h = x if config.data.centered else 2 * x - 1.0
+
+        # Downsampling path.
+        hs = [layers.ddpm_conv3x3(h, nf)]
+        for i_level in range(num_resolutions):
+            for _ in range(num_res_blocks):
+                h = ResnetBlock(out_ch=nf * ch_mult[i_level])(hs[-1], temb, train)
+                if h.shape[1] in attn_resolutions:
+                    h = layers.AttnBlock()(h)
+                hs.append(h)
+            if i_level != num_resolutions - 1:
+                hs.append(layers.Downsample(with_conv=m.resamp_with_conv)(hs[-1]))
+
+        # Bottleneck.
+        h = hs[-1]
+        h = ResnetBlock()(h, temb, train)
+        h = layers.AttnBlock()(h)
+        h = ResnetBlock()(h, temb, train)
+
+        # Upsampling path.
+        for i_level in reversed(range(num_resolutions)):
+            for _ in range(num_res_blocks + 1):
+                h = ResnetBlock(out_ch=nf * ch_mult[i_level])(
+                    jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
+            if h.shape[1] in attn_resolutions:
+                h = layers.AttnBlock()(h)
+            if i_level != 0:
+                h = layers.Upsample(with_conv=m.resamp_with_conv)(h)
+        assert not hs, "every skip connection must be consumed"
+
+        h = act(nn.GroupNorm(num_groups=32, epsilon=1e-6)(h))
+        h = layers.ddpm_conv3x3(h, x.shape[-1], init_scale=0.0)
+
+        if m.scale_by_sigma:
+            # NCSN-style training divides the output by sigma; labels index the noise levels.
+            sigmas = jnp.asarray(layers.get_sigmas(config), jnp.float32)
+            h = h / sigmas[labels.astype(jnp.int32)][:, None, None, None]
+        return h

@@ -1,0 +1,230 @@
+"""Layers of NCSN++ / DDPM++ (Song et al. 2021, App. H), NHWC.
+
+Differences from the DDPM blocks in `layers`: GroupNorm uses min(C // 4, 32) groups, residual
+sums can be rescaled by 1/sqrt(2) (`skip_rescale`), the zero-initialized output convs take
+`init_scale`, and resampling can use FIR filters (`up_or_down_sampling`).
+
+Fixed Fourier features: `GaussianFourierProjection.W` lives in the 'params' collection (the
+reference counts it among the parameters and stores it in checkpoints) but is wrapped in
+`stop_gradient`, so its gradient is exactly zero. Adam without weight decay then moves it by
+exactly 0 (m = v = 0 gives a zero update). For optimizers that would move a parameter with a
+zero gradient (weight decay, for example), `trainable_mask(params)` marks it False; wrap the
+optimizer as `optax.multi_transform({True: opt, False: optax.set_to_zero()},
+trainable_mask(params))` to freeze it provably.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import layers, up_or_down_sampling
+
+conv1x1 = layers.ddpm_conv1x1
+conv3x3 = layers.ddpm_conv3x3
+NIN = layers.NIN
+default_init = layers.default_init
+
+
+def _group_norm(x):
+    """GroupNorm with min(C // 4, 32) groups and eps 1e-6, as in NCSN++."""
+    return nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), epsilon=1e-6)(x)
+
+
+def _residual_sum(x, h, skip_rescale: bool):
+    # Dividing by sqrt(2) keeps the variance of the sum of two unit-variance branches at one.
+    return (x + h) / np.sqrt(2.0) if skip_rescale else x + h
+
+
+class GaussianFourierProjection(nn.Module):
+    """Random Fourier features of a scalar (log noise level); the frequencies are FIXED.
+
+    x [B] -> [B, 2 * embedding_size] = [sin(2 pi x W), cos(2 pi x W)], W ~ N(0, scale^2).
+    """
+
+    embedding_size: int = 256
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("W", nn.initializers.normal(stddev=self.scale), (self.embedding_size,))
+        # Fixed random features, not learned: no gradient ever reaches W.
+        w = jax.lax.stop_gradient(w)
+        x_proj = x[:, None] * w[None, :] * 2 * jnp.pi
+        return jnp.concatenate([jnp.sin(x_proj), jnp.cos(x_proj)], axis=-1)
+
+
+def trainable_mask(params) -> Any:
+    """Pytree of bools shaped like `params`: False for fixed parameters (Fourier features W)."""
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    mask = {path: not (path[-1] == "W" and len(path) > 1
+                       and path[-2].startswith("GaussianFourierProjection"))
+            for path in flat}
+    return flax.traverse_util.unflatten_dict(mask)
+
+
+class Combine(nn.Module):
+    """Merges an input-pyramid image x into features y: conv1x1(x) then concat or sum.
+
+    x [B, H, W, Cx], y [B, H, W, Cy] -> [B, H, W, 2 Cy] ('cat') or [B, H, W, Cy] ('sum').
+    """
+
+    method: str = "cat"
+
+    @nn.compact
+    def __call__(self, x, y):
+        h = conv1x1(x, y.shape[-1])
+        if self.method == "cat":
+            return jnp.concatenate([h, y], axis=-1)
+        if self.method == "sum":
+            return h + y
+        raise ValueError(f"Unknown combine method {self.method!r}; valid names: ['cat', 'sum'].")
+
+
+class AttnBlockpp(nn.Module):
+    """Self-attention block of NCSN++ (DDPM's with min(C//4, 32) groups and skip_rescale)."""
+
+    skip_rescale: bool = False
+    init_scale: float = 0.0
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        h = _group_norm(x)
+        q = NIN(c)(h)
+        k = NIN(c)(h)
+        v = NIN(c)(h)
+        h = layers.spatial_self_attention(q, k, v)
+        h = NIN(c, init_scale=self.init_scale)(h)
+        return _residual_sum(x, h, self.skip_rescale)
+
+
+class Upsample(nn.Module):
+    """2x upsampling: nearest (+ 3x3 conv) or FIR (+ fused FIR up-conv). [B,H,W,C]->2H,2W,out."""
+
+    out_ch: int | None = None
+    with_conv: bool = False
+    fir: bool = False
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+
+    @nn.compact
+    def __call__(self, x):
+        out_ch = self.out_ch if self.out_ch else x.shape[-1]
+        if not self.fir:
+            h = up_or_down_sampling.naive_upsample_2d(x, factor=2)
+            if self.with_conv:
+                h = conv3x3(h, out_ch)
+        elif not self.with_conv:
+            h = up_or_down_sampling.upsample_2d(x, self.fir_kernel, factor=2)
+        else:
+            h = up_or_down_sampling.Conv2d(out_ch, kernel=3, up=True,
+                                           resample_kernel=tuple(self.fir_kernel),
+                                           use_bias=True, kernel_init=default_init())(x)
+        return h
+
+
+class Downsample(nn.Module):
+    """2x downsampling: avg-pool / stride-2 conv, or FIR (+ fused conv-down)."""
+
+    out_ch: int | None = None
+    with_conv: bool = False
+    fir: bool = False
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+
+    @nn.compact
+    def __call__(self, x):
+        out_ch = self.out_ch if self.out_ch else x.shape[-1]
+        if not self.fir:
+            if self.with_conv:
+                x = conv3x3(x, out_ch, stride=2)
+            else:
+                x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
+        elif not self.with_conv:
+            x = up_or_down_sampling.downsample_2d(x, self.fir_kernel, factor=2)
+        else:
+            x = up_or_down_sampling.Conv2d(out_ch, kernel=3, down=True,
+                                           resample_kernel=tuple(self.fir_kernel),
+                                           use_bias=True, kernel_init=default_init())(x)
+        return x
+
+
+class ResnetBlockDDPMpp(nn.Module):
+    """DDPM residual block with NCSN++ group counts, init_scale and skip_rescale.
+
+    x [B, H, W, C], temb [B, D] or None -> [B, H, W, out_ch].
+    """
+
+    act: Any
+    out_ch: int | None = None
+    conv_shortcut: bool = False
+    dropout: float = 0.1
+    skip_rescale: bool = False
+    init_scale: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, temb=None, train: bool = True):
+        c = x.shape[-1]
+        out_ch = self.out_ch if self.out_ch else c
+        h = self.act(_group_norm(x))
+        h = conv3x3(h, out_ch)
+        if temb is not None:
+            h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
+        h = self.act(_group_norm(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = conv3x3(h, out_ch, init_scale=self.init_scale)
+        if c != out_ch:
+            x = conv3x3(x, out_ch) if self.conv_shortcut else NIN(out_ch)(x)
+        return _residual_sum(x, h, self.skip_rescale)
+
+
+class ResnetBlockBigGANpp(nn.Module):
+    """BigGAN-style residual block that can resample (FIR or naive) inside the block.
+
+    x [B, H, W, C], temb [B, D] or None -> [B, H', W', out_ch], H' = 2H (up), H/2 (down), H.
+    """
+
+    act: Any
+    up: bool = False
+    down: bool = False
+    out_ch: int | None = None
+    dropout: float = 0.1
+    fir: bool = False
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    skip_rescale: bool = True
+    init_scale: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, temb=None, train: bool = True):
+        c = x.shape[-1]
+        out_ch = self.out_ch if self.out_ch else c
+        h = self.act(_group_norm(x))
+
+        if self.up:
+            if self.fir:
+                h = up_or_down_sampling.upsample_2d(h, self.fir_kernel, factor=2)
+                x = up_or_down_sampling.upsample_2d(x, self.fir_kernel, factor=2)
+            else:
+                h = up_or_down_sampling.naive_upsample_2d(h, factor=2)
+                x = up_or_down_sampling.naive_upsample_2d(x, factor=2)
+        elif self.down:
+            if self.fir:
+                h = up_or_down_sampling.downsample_2d(h, self.fir_kernel, factor=2)
+                x = up_or_down_sampling.downsample_2d(x, self.fir_kernel, factor=2)
+            else:
+                h = up_or_down_sampling.naive_downsample_2d(h, factor=2)
+                x = up_or_down_sampling.naive_downsample_2d(x, factor=2)
+
+        h = conv3x3(h, out_ch)
+        if temb is not None:
+            h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
+        h = self.act(_group_norm(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = conv3x3(h, out_ch, init_scale=self.init_scale)
+        if c != out_ch or self.up or self.down:
+            x = conv1x1(x, out_ch)
+        return _residual_sum(x, h, self.skip_rescale)
