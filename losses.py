@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from models import layerspp
 from models import utils as mutils
 from sde_lib import SDE, batch_mul
 
@@ -34,9 +35,11 @@ def get_optimizer(config) -> optax.GradientTransformation:
     schedule = (lambda count: optim.lr * jnp.minimum(count / warmup, 1.0)) if warmup > 0 \
         else optim.lr
     weight_decay = float(getattr(optim, "weight_decay", 0.0))
+    # Fixed parameters (Fourier features) get zero gradients, which Adam turns into zero
+    # updates; decoupled weight decay would still shrink them, so it skips them.
     adam = optax.adamw(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps,
-                       weight_decay=weight_decay) if weight_decay > 0 else \
-        optax.adam(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps)
+                       weight_decay=weight_decay, mask=layerspp.trainable_mask) \
+        if weight_decay > 0 else optax.adam(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps)
     if optim.grad_clip >= 0:
         return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam)
     return adam
@@ -133,8 +136,12 @@ def get_loss_fn(sde: SDE, model, train: bool, reduce_mean: bool = False,
 
 
 def ema_update(ema, new, rate: float):
-    """ema <- rate * ema + (1 - rate) * new, leaf by leaf."""
-    return jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p, ema, new)
+    """ema <- rate * ema + (1 - rate) * new, leaf by leaf.
+
+    Written as ema + (1 - rate)(new - ema), which leaves a parameter that never changes (the
+    fixed Fourier features) exactly equal to itself instead of drifting by rounding.
+    """
+    return jax.tree_util.tree_map(lambda e, p: e + (1.0 - rate) * (p - e), ema, new)
 
 
 def get_step_fn(sde: SDE, model, train: bool, optimizer=None, reduce_mean: bool = False,
@@ -143,8 +150,9 @@ def get_step_fn(sde: SDE, model, train: bool, optimizer=None, reduce_mean: bool 
     """Returns step_fn(state, batch) -> (state, losses) running one step per leading slice.
 
     `batch` is [n_steps, B, H, W, C]: the steps run sequentially inside one program (a
-    `lax.scan` on accelerators, unrolled on CPU), so n_jitted_steps steps cost one dispatch. Each step's randomness is
-    fold_in(state.rng, state.step), so a resumed run repeats an uninterrupted one exactly.
+    `lax.scan` on accelerators, unrolled on CPU), so n_jitted_steps steps cost one
+    dispatch. Each step's randomness is fold_in(state.rng, state.step), so a resumed run
+    repeats an uninterrupted one exactly.
     Training applies `optimizer` (an optax transformation) and updates the EMA of the
     parameters; evaluation computes the loss of `params_ema` and leaves the state unchanged.
     Means over the batch are global, also when the batch is sharded across devices.

@@ -82,7 +82,7 @@ class SDE(abc.ABC):
         Euler-Maruyama by default; subclasses override with their exact discrete chains.
         Returns (f [B, ...], G [B]).
         """
-        dt = 1.0 / self.N
+        dt = self.T / self.N
         drift, diffusion = self.sde(x, t)
         return drift * dt, diffusion * jnp.sqrt(dt)
 
@@ -142,6 +142,10 @@ class ReverseSDE(SDE):
     @property
     def T(self):
         return self.forward.T
+
+    @property
+    def sampling_eps(self):
+        return self.forward.sampling_eps
 
     def sde(self, x, t):
         drift, diffusion = self.forward.sde(x, t)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models import layers
-from models.utils import register_model
+from models.utils import get_sigmas, register_model
 
 
 @register_model(name="ddpm")
@@ -86,6 +86,6 @@ class DDPM(nn.Module):
 
         if m.scale_by_sigma:
             # NCSN-style training divides the output by sigma; labels index the noise levels.
-            sigmas = jnp.asarray(layers.get_sigmas(config), jnp.float32)
+            sigmas = jnp.asarray(get_sigmas(config), jnp.float32)
             h = h / sigmas[labels.astype(jnp.int32)][:, None, None, None]
         return h

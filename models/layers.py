@@ -97,18 +97,6 @@ conv1x1 = ddpm_conv1x1
 conv3x3 = ddpm_conv3x3
 
 
-def get_sigmas(config):
-    """Noise levels of the discrete VE chain, geometric from sigma_max down to sigma_min.
-
-    Returns a numpy array [num_scales]; index i = round((T - t)(N - 1)) is the VE discrete
-    label, so index 0 is sigma_max.
-    """
-    import numpy as np  # local: numpy only needed here
-
-    return np.exp(np.linspace(np.log(config.model.sigma_max), np.log(config.model.sigma_min),
-                              config.model.num_scales))
-
-
 # ---------------------------------------------------------------------------------------
 # DDPM building blocks (Ho et al. 2020), used by DDPM and, modified, by NCSN++.
 # ---------------------------------------------------------------------------------------

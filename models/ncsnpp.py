@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models import layers, layerspp
-from models.utils import register_model
+from models.utils import get_sigmas, register_model
 
 _CHOICES = {
     "resblock_type": ("ddpm", "biggan"),
@@ -90,7 +90,7 @@ class NCSNpp(nn.Module):
             used_sigmas = None
             if m.scale_by_sigma:
                 # Positional labels are indices into the discrete VE noise levels.
-                sigmas = jnp.asarray(layers.get_sigmas(config), jnp.float32)
+                sigmas = jnp.asarray(get_sigmas(config), jnp.float32)
                 used_sigmas = sigmas[time_cond.astype(jnp.int32)]
 
         if m.conditional:

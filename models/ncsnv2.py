@@ -18,7 +18,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from models.layers import (
     ConditionalResidualBlock,
@@ -29,13 +28,7 @@ from models.layers import (
     ncsn_conv3x3,
 )
 from models.normalization import get_normalization
-from models.utils import register_model
-
-
-def get_sigmas(config) -> np.ndarray:
-    """The noise levels sigma_i = exp(linspace(log sigma_max, log sigma_min, num_scales))."""
-    return np.exp(np.linspace(np.log(config.model.sigma_max), np.log(config.model.sigma_min),
-                              config.model.num_scales))
+from models.utils import get_sigmas, register_model
 
 
 def _label_index(labels):

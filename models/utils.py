@@ -13,6 +13,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _MODELS: dict[str, type] = {}
 
@@ -54,6 +55,16 @@ def get_model(name: str):
     if name not in _MODELS:
         raise ValueError(f"Unknown model {name!r}; valid names: {sorted(_MODELS)}.")
     return _MODELS[name]
+
+
+def get_sigmas(config) -> np.ndarray:
+    """Noise levels of the discrete VE chain, geometric from sigma_max down to sigma_min.
+
+    Returns [num_scales]; index i = round((T - t)(N - 1)) is the VE discrete label, so
+    index 0 is sigma_max.
+    """
+    return np.exp(np.linspace(np.log(config.model.sigma_max), np.log(config.model.sigma_min),
+                              config.model.num_scales))
 
 
 def _dummy_inputs(config, batch_size: int = 1):

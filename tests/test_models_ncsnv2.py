@@ -14,8 +14,7 @@ import configs.ve.ncsn.cifar10 as ncsn_cifar10
 import configs.ve.ncsnv2.bedroom as ncsnv2_bedroom
 import configs.ve.ncsnv2.cifar10 as ncsnv2_cifar10
 from models import layers, normalization
-from models.ncsnv2 import get_sigmas
-from models.utils import count_params, get_model, init_model, param_shapes
+from models.utils import count_params, get_model, get_sigmas, init_model, param_shapes
 
 EPS = 1e-5
 

@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -22,7 +23,9 @@ from configs import tiny_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+# The subprocesses share a persistent compilation cache: the runs compile the same programs.
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
+       "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="score_sde_jax_cache_")}
 
 
 def _write_idx(path, array):

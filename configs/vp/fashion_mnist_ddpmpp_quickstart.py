@@ -16,12 +16,15 @@ from configs.default_fashion_mnist_configs import get_default_configs
 def get_config():
     config = get_default_configs()
 
+    # Sized for a CPU: about 0.2 s per step on 2 cores (nf 16, batch 32), so 3000 steps
+    # plus compilation and two sample grids fit in the 15 minutes the docstring promises.
     training = config.training
     training.sde = "vpsde"
     training.continuous = True
-    training.batch_size = 64
-    training.n_iters = 4001
-    training.snapshot_freq = 2000
+    training.batch_size = 32
+    training.n_iters = 3000
+    training.n_jitted_steps = 1  # on CPU each extra jitted step is compiled again
+    training.snapshot_freq = 1500
     training.snapshot_freq_for_preemption = 500
     training.log_freq = 100
     training.eval_freq = 500
@@ -34,7 +37,7 @@ def get_config():
     model = config.model
     model.name = "ncsnpp"
     model.num_scales = 500
-    model.nf = 32
+    model.nf = 16
     model.num_res_blocks = 1
     model.dropout = 0.0
     model.ema_rate = 0.999
