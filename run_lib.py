@@ -68,6 +68,10 @@ def validate_config(config, mode: str = "train") -> None:
                 getter(getattr(config.sampling, kind))
             except ValueError as e:
                 errors.append(f"config.sampling.{kind}: {e}")
+    try:
+        sampling.check_ode_method(config.sampling.ode_method)
+    except ValueError as e:
+        errors.append(f"config.sampling.ode_method: {e}")
     if not config.training.continuous:
         objective = {"vesde": "smld", "vpsde": "ddpm"}.get(config.training.sde.lower())
         check(objective is not None or config.training.sde.lower() not in sde_names,

@@ -306,7 +306,7 @@ _DIFFRAX_SOLVERS = {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5, "bosh3": d
 _SCIPY_METHODS = {"scipy_rk45": "RK45", "rk45": "RK45"}
 
 
-def _check_ode_method(method: str) -> str:
+def check_ode_method(method: str) -> str:
     key = method.lower()
     if key not in _DIFFRAX_SOLVERS and key not in _SCIPY_METHODS:
         raise ValueError(f"Unknown ODE method {method!r}; valid: "
@@ -357,7 +357,7 @@ def get_ode_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Call
       evaluations (an int32 array for diffrax, an int for scipy).
     """
     shape = tuple(int(s) for s in shape)
-    method = _check_ode_method(method)
+    method = check_ode_method(method)
 
     def drift_fn(score_fn):
         rsde = sde.reverse(score_fn, probability_flow=True)
@@ -423,7 +423,8 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
     """Builds the sampler named by `config.sampling.method` ('pc' or 'ode').
 
     Reads config.sampling.{predictor, corrector, snr, n_steps_each, noise_removal,
-    probability_flow} and, when present, {ode_method, rtol, atol} (defaults 'dopri5', 1e-5).
+    probability_flow} and, when present, {ode_method, ode_rtol, ode_atol} (defaults 'dopri5',
+    1e-5, 1e-5).
     """
     cfg = config.sampling
     method = cfg.method.lower()
@@ -434,6 +435,6 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
                               denoise=cfg.noise_removal, eps=eps)
     if method == "ode":
         return get_ode_sampler(sde, shape, inverse_scaler, denoise=cfg.noise_removal,
-                               rtol=cfg.get("rtol", 1e-5), atol=cfg.get("atol", 1e-5),
+                               rtol=cfg.get("ode_rtol", 1e-5), atol=cfg.get("ode_atol", 1e-5),
                                method=cfg.get("ode_method", "dopri5"), eps=eps)
     raise ValueError(f"Unknown sampling method {cfg.method!r}; valid: {list(_SAMPLING_METHODS)}.")

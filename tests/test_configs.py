@@ -450,7 +450,7 @@ EXPECTED = {
         "model.dropout": 0.0,
         "model.init_scale": 0.0,
         "model.scale_by_sigma": False,
-        "model.ema_rate": 0.999,
+        "model.ema_rate": 0.995,
         "model.num_scales": 500,
         "training.batch_size": 32,
         "training.n_iters": 3000,
