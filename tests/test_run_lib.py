@@ -238,7 +238,7 @@ def test_bad_values_fail_before_compiling(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
     proc = subprocess.run(_main_args("sample", workdir, FASHION), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "train, eval, fid_stats" in proc.stderr
+    assert proc.returncode != 0 and "train|eval|fid_stats" in proc.stderr
     proc = subprocess.run(_main_args("train", workdir, FASHION, "--config.training.nitters=3"),
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "nitters" in proc.stderr
@@ -310,6 +310,8 @@ def test_sharded_steps_agree_across_devices_and_processes():
         assert got["step"] == reference["step"] == 6
         np.testing.assert_allclose(got["losses"], reference["losses"], rtol=2e-5)
         np.testing.assert_allclose(got["eval_loss"], reference["eval_loss"], rtol=2e-5)
-        np.testing.assert_allclose(got["param_sums"], reference["param_sums"], rtol=1e-5)
+        # atol: the zero-initialized output layers sum to ~1e-9
+        np.testing.assert_allclose(got["param_sums"], reference["param_sums"], rtol=1e-5,
+                                   atol=1e-7)
         np.testing.assert_allclose(got["first_leaf"], reference["first_leaf"], rtol=1e-4,
                                    atol=1e-6)
