@@ -9,115 +9,42 @@ schedule is the CIFAR-10 one. Set data.dataset = 'MNIST' (and data.data_dir) for
 Same key set as every other default.
 """
 
-import ml_collections
+from configs.default_cifar10_configs import get_default_configs as _cifar10_defaults
 
 
-def get_default_configs() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
+def get_default_configs():
+    # The CIFAR-10 default holds the full key set; this dataset overrides what differs.
+    config = _cifar10_defaults()
 
-    config.training = training = ml_collections.ConfigDict()
-    training.sde = "vpsde"  # 'vesde' | 'vpsde' | 'subvpsde'
-    training.continuous = True  # False: SMLD / DDPM discrete-noise objectives
-    training.batch_size = 128
-    training.n_iters = 1300001
-    training.snapshot_freq = 50000
-    training.log_freq = 50
-    training.eval_freq = 100
-    # Extra checkpoints (overwritten) so a pre-empted cloud job loses little work.
-    training.snapshot_freq_for_preemption = 10000
-    training.snapshot_sampling = True  # write a sample grid at every snapshot
-    training.likelihood_weighting = False
-    training.n_jitted_steps = 5  # optimizer steps fused in one jitted lax.scan call
-    training.reduce_mean = True  # loss: mean over pixels if True, else 0.5 * sum
-    training.max_ckpts_to_keep = 0  # 0 keeps every snapshot
-    training.log_progress = True  # steps/s and ETA in the log
+    training = config.training
+    training.reduce_mean = True
+    training.sde = "vpsde"
 
-    config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = "pc"  # 'pc' | 'ode'
-    sampling.predictor = "euler_maruyama"
+    sampling = config.sampling
     sampling.corrector = "none"
-    sampling.n_steps_each = 1  # corrector steps per noise level
-    sampling.noise_removal = True  # final denoising step
-    sampling.probability_flow = False
-    sampling.snr = 0.16
-    sampling.ode_method = "dopri5"  # 'dopri5' (on device, diffrax) | 'scipy_rk45' (paper)
-    sampling.ode_rtol = 1e-5
-    sampling.ode_atol = 1e-5
+    sampling.predictor = "euler_maruyama"
 
-    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate = config.eval
     evaluate.begin_ckpt = 1
-    evaluate.end_ckpt = 26
-    evaluate.batch_size = 1024
-    evaluate.enable_sampling = False
-    evaluate.num_samples = 50000
-    evaluate.enable_loss = True
-    evaluate.enable_bpd = False
-    evaluate.bpd_dataset = "test"  # 'train' | 'test'
-    evaluate.bpd_num_repeats = 5  # passes over the dataset averaged for bits/dim
-    evaluate.inception_weights = ""  # local pytorch-fid .pth; '' = cache, download once
-    # Fast FID across a checkpoint range: score every checkpoint on only
-    # `fast_fid_num_samples` samples (noisier, much cheaper) instead of `num_samples`.
-    evaluate.fast_fid = False
-    evaluate.fast_fid_num_samples = 1000
-    evaluate.num_bpd_batches = 0  # bits/dim on this many batches per pass; 0 = all
-    evaluate.ckpt_wait_secs = 86400  # how long to wait for a checkpoint not yet written
-    evaluate.stats_dir = "assets/stats"  # dataset Inception statistics (--mode=fid_stats)
-    evaluate.show_progress = True  # progress bars on long sampling / evaluation loops
 
-    config.data = data = ml_collections.ConfigDict()
+    data = config.data
+    data.centered = True
+    # local IDX files from the Debian package dataset-fashion-mnist
+    data.data_dir = "/usr/share/datasets/fashion-mnist"
     data.dataset = "FashionMNIST"
     data.image_size = 28
     data.num_channels = 1
     data.random_flip = False
-    data.centered = True  # True: scale data to [-1, 1] instead of [0, 1]
-    data.uniform_dequantization = False
-    # Local directory holding the IDX files (train-images-idx3-ubyte.gz, ...).
-    data.data_dir = "/usr/share/datasets/fashion-mnist"
-    data.tfrecords_path = ""  # FFHQ / CelebA-HQ TFRecord file
-    data.category = ""  # LSUN category, e.g. 'bedroom' or 'church_outdoor'
 
-    config.model = model = ml_collections.ConfigDict()
-    model.name = "ncsnpp"
-    model.sigma_min = 0.01
-    model.sigma_max = 50.0
-    model.num_scales = 1000  # N: discretization steps of the SDE / noise levels
-    model.beta_min = 0.1
-    model.beta_max = 20.0
-    model.num_classes = 1000  # NCSN conditioning classes; NCSN configs set it to num_scales
-    model.dropout = 0.1
-    model.embedding_type = "positional"  # 'fourier' | 'positional'
-    model.fourier_scale = 16
-    model.scale_by_sigma = False
-    model.ema_rate = 0.9999
-    model.normalization = "GroupNorm"
-    model.nonlinearity = "swish"
-    model.nf = 64
-    model.ch_mult = (1, 2, 2)
-    model.num_res_blocks = 2
+    model = config.model
     model.attn_resolutions = (7,)
-    model.resamp_with_conv = True
-    model.conditional = True
+    model.ch_mult = (1, 2, 2)
+    model.ema_rate = 0.9999
+    model.embedding_type = "positional"
     model.fir = False
-    model.fir_kernel = [1, 3, 3, 1]
-    model.skip_rescale = True
-    model.resblock_type = "biggan"  # 'biggan' | 'ddpm'
-    model.progressive = "none"  # 'none' | 'output_skip' | 'residual'
-    model.progressive_input = "none"  # 'none' | 'input_skip' | 'residual'
-    model.progressive_combine = "sum"  # 'sum' | 'cat'
-    model.attention_type = "ddpm"
-    model.init_scale = 0.0
-    model.conv_size = 3
-    model.interpolation = "bilinear"  # NCSN / NCSNv2 upsampling
+    model.nf = 64
+    model.num_res_blocks = 2
+    model.progressive_input = "none"
+    model.scale_by_sigma = False
 
-    config.optim = optim = ml_collections.ConfigDict()
-    optim.optimizer = "Adam"
-    optim.lr = 2e-4
-    optim.beta1 = 0.9
-    optim.eps = 1e-8
-    optim.amsgrad = False
-    optim.weight_decay = 0.0
-    optim.warmup = 5000  # linear learning-rate warmup steps
-    optim.grad_clip = 1.0  # global-norm clipping; negative disables it
-
-    config.seed = 42
     return config
