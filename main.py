@@ -45,8 +45,9 @@ def main(argv):
             run_lib.evaluate(config, FLAGS.workdir, FLAGS.eval_folder)
         else:
             run_lib.fid_stats(config, FLAGS.workdir)
-    except (run_lib.ConfigError, FileNotFoundError) as e:
-        # Bad input: one clear message, no traceback.
+    except (run_lib.ConfigError, run_lib.CheckpointError, FileNotFoundError,
+            FloatingPointError) as e:
+        # Bad input or a diverged run: one clear message, no traceback.
         raise SystemExit(f"error: {e}") from None
 
 

@@ -42,6 +42,10 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names it and the valid choices."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored; the files are left as they are."""
+
+
 def validate_config(config, mode: str = "train") -> None:
     """Raises ConfigError naming every bad value and its valid choices."""
     errors = []
@@ -236,7 +240,7 @@ def _restore(manager, step, abstract):
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # a truncated or foreign checkpoint: say which and stop
-        raise RuntimeError(
+        raise CheckpointError(
             f"Could not restore checkpoint {step} from {manager.directory}: {e}. The files "
             "are left untouched; move the damaged checkpoint away to resume from an older "
             "one.") from e
@@ -334,7 +338,6 @@ def build_step_fns(config, sde, model, optimizer, mesh):
     return train_step, eval_losses
 
 
-
 def train(config, workdir: str) -> None:
     """Trains the configured score model, resuming from workdir/checkpoints-meta if present."""
     validate_config(config, "train")
@@ -400,13 +403,19 @@ def train(config, workdir: str) -> None:
         state, step_losses = train_step(state, next_batch(train_iter))
         step += k
         at_end = step >= total
-        if step % tc.log_freq == 0 or at_end:
+        snapshot = step % tc.snapshot_freq == 0 or at_end
+        save = snapshot or step % tc.snapshot_freq_for_preemption == 0
+        log = step % tc.log_freq == 0 or at_end
+        if log or save:
+            # Only here does the host wait for the device; a NaN in the parameters shows in
+            # the loss, so checking before every save keeps non-finite states off disk.
             step_losses = np.asarray(jax.device_get(step_losses))
             if not np.all(np.isfinite(step_losses)):
                 raise FloatingPointError(
                     f"Non-finite training loss {step_losses} at step {step}; stopping before "
                     f"any checkpoint is written. The last good state is in "
                     f"{meta.directory} (step {meta.latest_step()}).")
+        if log:
             rate, eta = throughput(step)
             logging.info("step %d/%d  loss %.5f  %.2f steps/s  %.1f img/s  ETA %s", step, total,
                          float(step_losses[-1]), rate, rate * tc.batch_size, _fmt_eta(eta))
@@ -416,8 +425,7 @@ def train(config, workdir: str) -> None:
             eval_loss = float(np.asarray(eval_losses(state, next_batch(eval_iter)))[-1])
             logging.info("step %d  eval_loss %.5f", step, eval_loss)
             log_scalar("eval_loss", eval_loss, step)
-        snapshot = step % tc.snapshot_freq == 0 or at_end
-        if step % tc.snapshot_freq_for_preemption == 0 or snapshot:
+        if save:
             # Pipeline state first: a meta checkpoint is only ever paired with its own data.
             _save_data_state(workdir, step, train_iter)
             _save(meta, step, state)

@@ -150,6 +150,22 @@ def test_restart_after_finish_does_nothing_and_keeps_checkpoints(trained, data_d
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
+def test_non_finite_loss_stops_without_touching_checkpoints(trained, data_dir, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(trained["straight"], workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    # An absurd learning rate blows the parameters up on the first resumed step.
+    args = _main_args("train", workdir, data_dir, *TRAIN[1:], "--config.training.n_iters=16",
+                      "--config.optim.lr=1e30", "--config.training.snapshot_sampling=False")
+    proc = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert "Non-finite training loss" in proc.stderr and "step 14" in proc.stderr
+    assert _meta_steps(workdir) == [12]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
     """A pytorch-fid-layout weight file with random values, written without PyTorch."""
