@@ -82,8 +82,10 @@ def init_model(rng, config):
     model = get_model(config.model.name)(config=config)
     x, labels = _dummy_inputs(config)
     params_rng, dropout_rng = jax.random.split(rng)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng}, x, labels,
-                           train=False)
+    # Jitted: op-by-op initialization of a deep network dispatches thousands of small
+    # programs (minutes for NCSN++ on CPU); inside an outer jit this is simply inlined.
+    init = jax.jit(lambda rngs, x, labels: model.init(rngs, x, labels, train=False))
+    variables = init({"params": params_rng, "dropout": dropout_rng}, x, labels)
     variables = flax.core.unfreeze(variables)
     params = variables.pop("params")
     return model, params, variables
