@@ -85,8 +85,9 @@ def _closed_form_dsm(sde, likelihood_weighting, eps=1e-5):
         return value
 
     # Integrate over log t: the likelihood-weighted integrand grows like 1/t near t = 0.
+    # epsrel: the integrand is evaluated in float32.
     total = integrate.quad(lambda u: integrand(np.exp(u)) * np.exp(u), np.log(eps),
-                           np.log(sde.T), limit=200)[0]
+                           np.log(sde.T), limit=200, epsrel=1e-6)[0]
     return total / (sde.T - eps)
 
 
