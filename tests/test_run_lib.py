@@ -23,9 +23,13 @@ from configs import tiny_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
-# The subprocesses share a persistent compilation cache: the runs compile the same programs.
+# The subprocesses share a persistent compilation cache (the runs compile the same
+# programs) and skip XLA's expensive optimizations: with a tiny model and a handful of steps
+# compiling dominates, and every run being compared uses the same flags.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-       "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="score_sde_jax_cache_")}
+       "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="score_sde_jax_cache_"),
+       "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
 
 
 def _write_idx(path, array):
@@ -284,7 +288,7 @@ def test_validate_config_lists_every_problem(monkeypatch):
 def _worker(mode, *args, devices=None):
     env = dict(ENV)
     if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "distributed_worker.py"),
                              mode, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
