@@ -221,15 +221,20 @@ _RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
 
 def init_state(config, rng, sharding):
     """The initial train State, created directly with the given (replicated) sharding."""
-    init_fn = lambda key: losses.init_train_state(key, config)[1]
+    init_fn = _state_init_fn(config)
     on_cpu = jax.devices()[0].platform == "cpu"
     compiled = jax.jit(init_fn, out_shardings=sharding).lower(rng).compile(
         _RUN_ONCE_COMPILER_OPTIONS if on_cpu else None)
     return compiled(rng)
 
 
-def _abstract_state(init_fn, rng, sharding):
-    shapes = jax.eval_shape(init_fn, rng)
+def _state_init_fn(config):
+    return lambda key: losses.init_train_state(key, config)[1]
+
+
+def _abstract_state(config, rng, sharding):
+    """Shapes, dtypes and shardings of the train State, without allocating it."""
+    shapes = jax.eval_shape(_state_init_fn(config), rng)
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
@@ -352,7 +357,6 @@ def train(config, workdir: str) -> None:
 
     sde, model = _build(config)
     optimizer = losses.get_optimizer(config)
-    init_fn = lambda rng: losses.init_train_state(rng, config)[1]
     rng = jax.random.PRNGKey(config.seed)
     snapshots, meta = _checkpoint_managers(workdir, config)
 
@@ -363,7 +367,7 @@ def train(config, workdir: str) -> None:
 
     latest = meta.latest_step()
     if latest is not None:
-        state = _restore(meta, latest, _abstract_state(init_fn, rng, replicated))
+        state = _restore(meta, latest, _abstract_state(config, rng, replicated))
         if not _restore_data_state(workdir, latest, train_iter):
             logging.warning("No input-pipeline state for step %d: the data order restarts.",
                             latest)
@@ -532,9 +536,8 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> None:
     scaler = datasets.get_data_scaler(config)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     continuous = config.training.continuous
-    init_fn = lambda rng: losses.init_train_state(rng, config)[1]
     rng = jax.random.PRNGKey(config.seed)
-    abstract = _abstract_state(init_fn, rng, replicated)
+    abstract = _abstract_state(config, rng, replicated)
     snapshots, _ = _checkpoint_managers(workdir, config)
 
     if ec.enable_loss:
