@@ -15,7 +15,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, samples, logs.")
-flags.DEFINE_enum("mode", None, ["train", "eval", "fid_stats"], "Running mode.")
+# The names of run_lib.MODES (listed here so that --help works without importing JAX).
+MODES = ["train", "eval", "fid_stats"]
+flags.DEFINE_enum("mode", None, MODES, "Running mode.")
 flags.DEFINE_string("eval_folder", "eval", "Folder (inside workdir) for evaluation outputs.")
 flags.mark_flags_as_required(["config", "workdir", "mode"])
 
@@ -34,17 +36,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     _maybe_initialize_distributed()
+    # Imported here, not at the top: run_lib pulls in TensorFlow and JAX (seconds), and flag
+    # errors and --help should answer at once.
     import run_lib
 
     config = FLAGS.config
     logging.set_verbosity(logging.INFO)
     try:
-        if FLAGS.mode == "train":
-            run_lib.train(config, FLAGS.workdir)
-        elif FLAGS.mode == "eval":
-            run_lib.evaluate(config, FLAGS.workdir, FLAGS.eval_folder)
-        else:
-            run_lib.fid_stats(config, FLAGS.workdir)
+        run_lib.MODES[FLAGS.mode](config, FLAGS.workdir, FLAGS.eval_folder)
     except (run_lib.ConfigError, run_lib.CheckpointError, FileNotFoundError,
             FloatingPointError) as e:
         # Bad input or a diverged run: one clear message, no traceback.
