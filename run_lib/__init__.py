@@ -18,10 +18,14 @@ Workdir layout:
   <eval_folder>/                   evaluation outputs and summary.json
 """
 
-from run_lib.checkpoints import init_state
-from run_lib.checks import CheckpointError, ConfigError, validate_config
+import datasets
+import evaluation
+from run_lib import interrupt, logs
+from run_lib.checkpoints import DiskFullError, init_state
+from run_lib.checks import CheckpointError, ConfigError, UsageError, validate_config
 from run_lib.devices import make_mesh, to_global
 from run_lib.evaluating import evaluate, fid_stats
+from run_lib.interrupt import Interrupted
 from run_lib.steps import build_step_fns, get_sample_fn
 from run_lib.training import train
 
@@ -32,5 +36,12 @@ MODES = {
     "fid_stats": lambda config, workdir, eval_folder: fid_stats(config, workdir),
 }
 
-__all__ = ["CheckpointError", "ConfigError", "MODES", "build_step_fns", "evaluate", "fid_stats",
-           "get_sample_fn", "init_state", "make_mesh", "to_global", "train", "validate_config"]
+# What main.py turns into one line: bad input (exit code 2), and runs that cannot go on (1).
+USAGE_ERRORS = (UsageError, datasets.DataError, FileNotFoundError)
+RUN_ERRORS = (CheckpointError, FloatingPointError, DiskFullError, evaluation.WeightFileError,
+              OSError)
+
+__all__ = ["RUN_ERRORS", "USAGE_ERRORS", "CheckpointError", "ConfigError", "DiskFullError",
+           "Interrupted", "MODES", "UsageError", "build_step_fns", "evaluate", "fid_stats",
+           "get_sample_fn", "init_state", "interrupt", "logs", "make_mesh", "to_global", "train",
+           "validate_config"]

@@ -10,7 +10,11 @@ from models import utils as mutils
 SDE_NAMES = ("vesde", "vpsde", "subvpsde")
 
 
-class ConfigError(ValueError):
+class UsageError(ValueError):
+    """Bad input from the user (flags, config, workdir, data): one line, exit code 2."""
+
+
+class ConfigError(UsageError):
     """A config value that cannot work; the message names it and the valid choices."""
 
 
@@ -49,6 +53,38 @@ def _check_names(config, problems):
     problems.call("config.sampling.ode_method", ode.canonical_method, config.sampling.ode_method)
 
 
+def _check_schedule(config, problems):
+    """Noise schedules and sampler settings that would give NaN or meaningless samples."""
+    m, sc, sde = config.model, config.sampling, config.training.sde.lower()
+    problems.check(m.num_scales >= 1, f"config.model.num_scales={m.num_scales} must be >= 1")
+    if sde == "vesde":
+        problems.check(0 < m.sigma_min < m.sigma_max,
+                       f"config.model.sigma_min={m.sigma_min} and sigma_max={m.sigma_max} must "
+                       "satisfy 0 < sigma_min < sigma_max")
+    elif sde in ("vpsde", "subvpsde"):
+        problems.check(0 < m.beta_min < m.beta_max,
+                       f"config.model.beta_min={m.beta_min} and beta_max={m.beta_max} must "
+                       "satisfy 0 < beta_min < beta_max")
+        # The discrete chain's betas are linspace(beta_min / N, beta_max / N, N) (DDPM).
+        problems.check(m.num_scales < 1 or m.beta_max / m.num_scales < 1,
+                       f"config.model.beta_max / num_scales = {m.beta_max}/{m.num_scales} must "
+                       "be < 1 (the largest discrete beta); raise num_scales")
+    problems.check(sc.n_steps_each >= 0,
+                   f"config.sampling.n_steps_each={sc.n_steps_each} must be >= 0")
+    if sc.method == "pc" and sc.corrector not in ("none", None):
+        problems.check(sc.snr > 0, f"config.sampling.snr={sc.snr} must be > 0")
+
+
+def _check_network(config, problems):
+    """The network builds for the config's image size (e.g. divisible by its downsampling)."""
+    try:
+        mutils.param_shapes(config)
+    except (ValueError, TypeError) as e:
+        problems.append(f"config.model ({config.model.name}) does not fit "
+                        f"config.data.image_size={config.data.image_size}, num_channels="
+                        f"{config.data.num_channels}: {e}")
+
+
 def _check_training(config, problems):
     tc = config.training
     if not tc.continuous:
@@ -70,6 +106,7 @@ def validate_config(config, mode: str = "train") -> None:
     """Raises ConfigError naming every bad value and its valid choices."""
     problems = _Problems()
     _check_names(config, problems)
+    _check_schedule(config, problems)
     batches = [("eval.batch_size", config.eval.batch_size)]
     if mode == "train":
         batches.append(("training.batch_size", config.training.batch_size))
@@ -82,5 +119,7 @@ def validate_config(config, mode: str = "train") -> None:
                        f"config.eval.bpd_dataset={ec.bpd_dataset!r}; valid: ['train', 'test']")
         problems.check(ec.begin_ckpt <= ec.end_ckpt,
                        f"config.eval.begin_ckpt={ec.begin_ckpt} > end_ckpt={ec.end_ckpt}")
+    if not problems:  # tracing the network is only meaningful for an otherwise valid config
+        _check_network(config, problems)
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))

@@ -15,6 +15,7 @@ from run_lib import checkpoints, files, logs
 from run_lib.checks import validate_config
 from run_lib.devices import make_mesh, replicated
 from run_lib.evaluators import InceptionScorer, enabled_evaluators
+from run_lib.interrupt import Interrupted, interrupted
 from run_lib.steps import build, stream
 
 
@@ -27,35 +28,58 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> None:
     sampling round and reproduces the uninterrupted result exactly.
     """
     validate_config(config, "eval")
+    files.check_workdir(workdir, must_exist=True)
     ec = config.eval
-    eval_dir = os.path.join(workdir, eval_folder)
-    os.makedirs(eval_dir, exist_ok=True)
     mesh = make_mesh()
     sde, model = build(config)
+    eval_dir = os.path.join(workdir, eval_folder)
     evaluators = enabled_evaluators(config, sde, model, mesh, eval_dir)
     rng = jax.random.PRNGKey(config.seed)
     abstract = checkpoints.abstract_state(config, rng, replicated(mesh))
-    snapshots, _ = checkpoints.managers(workdir, config)
+    snapshots, _ = checkpoints.managers(workdir, config, create=False)
+    os.makedirs(eval_dir, exist_ok=True)
     for ckpt in range(ec.begin_ckpt, ec.end_ckpt + 1):
-        _wait_for_checkpoint(snapshots, ckpt, config)
+        _wait_for_checkpoint(snapshots, ckpt, config, workdir)
         state = checkpoints.restore(snapshots, ckpt, abstract)
         results = {"step": int(state.step)}
         ckpt_key = jax.random.fold_in(rng, ckpt)
         for name, evaluator in evaluators.items():
+            if interrupted():
+                raise Interrupted(f"Interrupted at checkpoint {ckpt}; finished rounds are kept "
+                                  "and a rerun resumes after them.")
             results.update(evaluator.run(state, ckpt, stream(ckpt_key, name)))
         if files.is_chief():
             files.update_summary(eval_dir, ckpt, results)
         logging.info("ckpt %d: %s", ckpt, results)
 
 
-def _wait_for_checkpoint(manager, ckpt, config):
-    waited, poll = 0.0, min(60.0, max(1.0, float(config.eval.ckpt_wait_secs) / 10))
+# A training run logs at least every few minutes; a workdir untouched for this long has none.
+TRAINING_ALIVE_SECS = 3600
+DEFAULT_WAIT_SECS = 86400
+
+
+def _training_alive(workdir: str) -> bool:
+    paths = [os.path.join(workdir, "stdout.txt"), os.path.join(workdir, "checkpoints-meta")]
+    times = [os.path.getmtime(p) for p in paths if os.path.exists(p)]
+    return bool(times) and time.time() - max(times) < TRAINING_ALIVE_SECS
+
+
+def _wait_for_checkpoint(manager, ckpt, config, workdir):
+    """Waits for checkpoint `ckpt`: eval.ckpt_wait_secs if set (>= 0); by default 24 h, but
+    only while a training run is writing to the workdir; otherwise fails at once."""
+    limit = float(config.eval.ckpt_wait_secs)
+    if limit < 0:
+        limit = DEFAULT_WAIT_SECS if _training_alive(workdir) else 0.0
+    waited, poll = 0.0, min(60.0, max(1.0, limit / 10))
     while ckpt not in manager.all_steps(read=True):
-        if waited >= config.eval.ckpt_wait_secs:
+        if waited >= limit or interrupted():
+            existing = sorted(manager.all_steps(read=True))
             raise FileNotFoundError(
-                f"Checkpoint {ckpt} did not appear in {manager.directory} within "
-                f"{config.eval.ckpt_wait_secs} s (config.eval.ckpt_wait_secs); existing: "
-                f"{list(manager.all_steps(read=True))}.")
+                f"Checkpoint {ckpt} is not in {manager.directory} (existing: {existing}) and "
+                + (f"did not appear within {limit:.0f} s (config.eval.ckpt_wait_secs)."
+                   if limit > 0 else "no training run is writing to this workdir; check "
+                   "--workdir and config.eval.begin_ckpt/end_ckpt, or set "
+                   "config.eval.ckpt_wait_secs to wait for one."))
         logging.info("Waiting for checkpoint %d in %s ...", ckpt, manager.directory)
         time.sleep(poll)
         waited += poll

@@ -21,6 +21,7 @@ import ode
 from models import utils as mutils
 from run_lib import files, logs
 from run_lib.devices import batch_sharded, gather, local_part, replicated, to_global
+from run_lib.interrupt import Interrupted, interrupted
 from run_lib.steps import build_step_fns, get_sample_fn
 
 
@@ -158,7 +159,11 @@ class SampleQualityEvaluator:
                 continue  # finished before an interruption
             samples, nfe = self.sample_fn(jax.random.fold_in(key, r), state.params_ema,
                                           state.model_state)
-            local = evaluation.images_to_uint8(local_part(samples))
+            if interrupted():
+                raise Interrupted(f"Interrupted before sampling round {r} of checkpoint {ckpt}; "
+                                  "finished rounds are kept and a rerun resumes after them.")
+            local = evaluation.images_to_uint8(files.checked_images(
+                local_part(samples), f"samples of checkpoint {ckpt}, round {r}"))
             features = self.scorer(local)
             samples = gather(local)
             if files.is_chief():

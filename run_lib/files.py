@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import jax
 import numpy as np
 from PIL import Image
+
+from run_lib.checks import UsageError
 
 
 def is_chief() -> bool:
@@ -37,11 +40,48 @@ def atomic_savez(path: str, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def check_workdir(workdir: str, must_exist: bool = False) -> None:
+    """Raises UsageError if `workdir` cannot hold a run's files (before anything is written)."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--workdir={workdir} is a file, not a directory.")
+    if must_exist and not os.path.isdir(path):
+        raise UsageError(f"--workdir={workdir} does not exist.")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--workdir={workdir} is not writable ({existing} is read-only for "
+                         "this user).")
+
+
 def save_config(config, workdir: str) -> None:
-    if is_chief():
-        os.makedirs(workdir, exist_ok=True)
-        atomic_write_text(os.path.join(workdir, "config.json"),
-                          config.to_json_best_effort(indent=2, sort_keys=True))
+    """Writes `config.json`; a different earlier config is kept as `config.<time>.json`."""
+    if not is_chief():
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old == text:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+        os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
+    atomic_write_text(path, text)
+
+
+def checked_images(images, what: str) -> np.ndarray:
+    """`images` as numpy, or FloatingPointError if any value is NaN or infinite."""
+    images = np.asarray(images)
+    bad = ~np.isfinite(images)
+    if bad.any():
+        raise FloatingPointError(
+            f"{int(bad.sum())} of {images.size} values of the {what} are NaN or infinite: the "
+            "sampler diverged (check the SDE's noise schedule and the sampler settings); "
+            "nothing was written.")
+    return images
 
 
 def image_grid(images_uint8: np.ndarray, pad: int = 2) -> np.ndarray:

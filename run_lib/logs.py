@@ -1,7 +1,7 @@
 """What a person reads: the project's own log lines, progress bars, throughput and ETA.
 
 Third-party INFO chatter (Orbax's option dumps, TensorFlow's and XLA's start-up lines) is off by
-default; `--verbosity=1` (absl) or `config.logging.verbose` turns it back on.
+default; `--verbosity=1` (absl's flag) turns it back on.
 """
 
 from __future__ import annotations
