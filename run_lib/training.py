@@ -59,6 +59,8 @@ class _Run:
     def save_meta(self, step, state):
         # Pipeline state first: a meta checkpoint is only ever paired with its own data.
         checkpoints.save_data_state(self.workdir, step, self.train_iter)
+        if step in self.meta.all_steps(read=True):  # a damaged one this run fell back from
+            self.meta.delete(step)
         checkpoints.save(self.meta, step, state, "meta", step)
         checkpoints.clean_data_states(self.workdir, self.meta.all_steps())
 
