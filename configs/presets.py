@@ -10,7 +10,7 @@ particular to it:
 
 Each preset edits `config` in place and only assigns keys every default defines, so a locked
 config stays valid. Values follow the reference (yang-song/score_sde) and the paper
-(Song et al., ICLR 2021, Appendices D-H).
+(Song et al., ICLR 2021: samplers in App. F-G, networks in App. H).
 """
 
 from __future__ import annotations
