@@ -30,7 +30,6 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.n_jitted_steps = 5  # optimizer steps fused in one jitted lax.scan call
     training.reduce_mean = False  # loss: mean over pixels if True, else 0.5 * sum
     training.max_ckpts_to_keep = 0  # 0 keeps every snapshot
-    training.log_progress = True  # steps/s and ETA in the log
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"  # 'pc' | 'ode'
@@ -79,10 +78,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
     model.name = "ncsnpp"
     model.sigma_min = 0.01
     model.sigma_max = 50.0
-    model.num_scales = 1000  # N: discretization steps of the SDE / noise levels
+    model.num_scales = 1000  # N: SDE discretization steps; NCSN(v2): one class per level
     model.beta_min = 0.1
     model.beta_max = 20.0
-    model.num_classes = 1000  # NCSN conditioning classes; NCSN configs set it to num_scales
     model.dropout = 0.1
     model.embedding_type = "fourier"  # 'fourier' | 'positional'
     model.fourier_scale = 16
@@ -103,9 +101,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     model.progressive = "none"  # 'none' | 'output_skip' | 'residual'
     model.progressive_input = "residual"  # 'none' | 'input_skip' | 'residual'
     model.progressive_combine = "sum"  # 'sum' | 'cat'
-    model.attention_type = "ddpm"
     model.init_scale = 0.0
-    model.conv_size = 3
     model.interpolation = "bilinear"  # NCSN / NCSNv2 upsampling
 
     config.optim = optim = ml_collections.ConfigDict()
@@ -113,7 +109,6 @@ def get_default_configs() -> ml_collections.ConfigDict:
     optim.lr = 2e-4
     optim.beta1 = 0.9
     optim.eps = 1e-8
-    optim.amsgrad = False
     optim.weight_decay = 0.0
     optim.warmup = 5000  # linear learning-rate warmup steps
     optim.grad_clip = 1.0  # global-norm clipping; negative disables it
