@@ -59,7 +59,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.fast_fid = False
     evaluate.fast_fid_num_samples = 1000
     evaluate.num_bpd_batches = 0  # bits/dim on this many batches per pass; 0 = all
-    evaluate.ckpt_wait_secs = 86400  # how long to wait for a checkpoint not yet written
+    # How long to wait for a checkpoint not written yet; -1: up to 24 h while a training run is
+    # writing to the workdir, not at all otherwise.
+    evaluate.ckpt_wait_secs = -1
     evaluate.stats_dir = "assets/stats"  # dataset Inception statistics (--mode=fid_stats)
     evaluate.show_progress = True  # progress bars on long sampling / evaluation loops
 
@@ -71,6 +73,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     data.centered = False  # True: scale data to [-1, 1] instead of [0, 1]
     data.uniform_dequantization = False
     data.data_dir = ""  # local IDX/TFRecord directory or tfds data_dir; '' = tfds default
+    data.download = False  # let tfds download and prepare a missing data set (needs internet)
     data.tfrecords_path = ""  # FFHQ / CelebA-HQ TFRecord file
     data.category = ""  # LSUN category, e.g. 'bedroom' or 'church_outdoor'
 

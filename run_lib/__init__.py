@@ -20,7 +20,7 @@ Workdir layout:
 
 import datasets
 import evaluation
-from run_lib import interrupt, logs
+from run_lib import checkpoints, interrupt, logs
 from run_lib.checkpoints import DiskFullError, init_state
 from run_lib.checks import CheckpointError, ConfigError, UsageError, validate_config
 from run_lib.devices import make_mesh, to_global
@@ -37,7 +37,8 @@ MODES = {
 }
 
 # What main.py turns into one line: bad input (exit code 2), and runs that cannot go on (1).
-USAGE_ERRORS = (UsageError, datasets.DataError, FileNotFoundError)
+USAGE_ERRORS = (UsageError, datasets.DataError, FileNotFoundError,
+                checkpoints.ConfigMismatchError)
 RUN_ERRORS = (CheckpointError, FloatingPointError, DiskFullError, evaluation.WeightFileError,
               OSError)
 

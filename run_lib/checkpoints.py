@@ -45,7 +45,9 @@ class ConfigMismatchError(CheckpointError):
 
 
 class DiskFullError(OSError):
-    """No space left while writing; what was already on disk is untouched."""
+    """No space left while writing; what was already on disk is untouched.
+
+    Raised with the message alone (no errno), so that it prints as one readable line."""
 
 
 def managers(workdir: str, config, create: bool = True):
@@ -167,11 +169,15 @@ def save(manager, step: int, state, phase: str, train_step: int) -> None:
             raise _disk_full(str(manager.directory), _state_bytes(state)) from None
         raise
     faults.point(f"{phase}.manifest", train_step)
+    write_manifest(step_dir(manager, step), train_step)
+    faults.point(f"{phase}.after", train_step)
+
+
+def write_manifest(folder: str, train_step: int) -> None:
+    """Records the training step and the SHA-256 of every file of a committed checkpoint."""
     if files.is_chief():
-        folder = step_dir(manager, step)
         manifest = {"train_step": int(train_step), "sha256": _file_hashes(folder)}
         files.atomic_write_text(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
-    faults.point(f"{phase}.after", train_step)
 
 
 def _is_disk_full(error) -> bool:
@@ -186,7 +192,7 @@ def _is_disk_full(error) -> bool:
 
 def _disk_full(path: str, needed: int) -> DiskFullError:
     free = shutil.disk_usage(path).free if os.path.exists(path) else 0
-    return DiskFullError(errno.ENOSPC, f"Disk full while writing a checkpoint to {path}: about "
+    return DiskFullError(f"Disk full while writing a checkpoint to {path}: about "
                          f"{needed / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free. "
                          "Existing checkpoints are untouched; free space and rerun to resume.")
 
@@ -205,7 +211,8 @@ def check_matches(manager, step: int, abstract) -> None:
         raise DamagedCheckpointError(
             f"{step_dir(manager, step)}: unreadable metadata ({e}).") from e
     have, want = _shapes_by_name(stored), _shapes_by_name(abstract)
-    for name in sorted(set(have) | set(want)):
+    # Parameters first: they say more about which config wrote a checkpoint than Adam's moments.
+    for name in sorted(set(have) | set(want), key=lambda n: (not n.startswith("params."), n)):
         if have.get(name) != want.get(name):
             raise ConfigMismatchError(
                 f"{step_dir(manager, step)} was written for a different config: parameter "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configs
 import datasets
 import ode
 import sampling
@@ -102,8 +103,20 @@ def _check_training(config, problems):
                        f"training.n_jitted_steps={k}")
 
 
+def prepare(config, mode: str):
+    """The config a mode runs with: completed with this project's defaults for keys a
+    reference-format config lacks (`configs.complete`), then validated."""
+    config = configs.complete(config)
+    validate_config(config, mode)
+    return config
+
+
 def validate_config(config, mode: str = "train") -> None:
-    """Raises ConfigError naming every bad value and its valid choices."""
+    """Raises ConfigError naming every bad value and its valid choices.
+
+    Accepts configs in the reference's format: absent keys take this project's defaults.
+    """
+    config = configs.complete(config)
     problems = _Problems()
     _check_names(config, problems)
     _check_schedule(config, problems)

@@ -12,7 +12,7 @@ from absl import logging
 import datasets
 import evaluation
 from run_lib import checkpoints, files, logs
-from run_lib.checks import validate_config
+from run_lib.checks import prepare
 from run_lib.devices import make_mesh, replicated
 from run_lib.evaluators import InceptionScorer, enabled_evaluators
 from run_lib.interrupt import Interrupted, interrupted
@@ -27,7 +27,7 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> None:
     (IS, FID, KID) and summary.json. A killed evaluation resumes at its next unfinished
     sampling round and reproduces the uninterrupted result exactly.
     """
-    validate_config(config, "eval")
+    config = prepare(config, "eval")
     files.check_workdir(workdir, must_exist=True)
     ec = config.eval
     mesh = make_mesh()
@@ -37,10 +37,10 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> None:
     rng = jax.random.PRNGKey(config.seed)
     abstract = checkpoints.abstract_state(config, rng, replicated(mesh))
     snapshots, _ = checkpoints.managers(workdir, config, create=False)
-    os.makedirs(eval_dir, exist_ok=True)
     for ckpt in range(ec.begin_ckpt, ec.end_ckpt + 1):
         _wait_for_checkpoint(snapshots, ckpt, config, workdir)
         state = checkpoints.restore(snapshots, ckpt, abstract)
+        os.makedirs(eval_dir, exist_ok=True)
         results = {"step": int(state.step)}
         ckpt_key = jax.random.fold_in(rng, ckpt)
         for name, evaluator in evaluators.items():
@@ -90,7 +90,7 @@ def fid_stats(config, workdir: str | None = None) -> str:
 
     Writes `evaluation.dataset_stats_path(config)` with key 'pool_3'; returns its path.
     """
-    validate_config(config, "eval")
+    config = prepare(config, "eval")
     scorer = InceptionScorer(config, make_mesh())
     train_ds, _, _ = datasets.get_dataset(config, uniform_dequantization=False,
                                           evaluation=True)

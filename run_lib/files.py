@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from run_lib import faults
 from run_lib.checks import UsageError
 
 
@@ -51,8 +52,8 @@ def check_workdir(workdir: str, must_exist: bool = False) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--workdir={workdir} is not writable ({existing} is read-only for "
-                         "this user).")
+        raise UsageError(f"--workdir={workdir} is not writable: {existing} is read-only for "
+                         "this user.")
 
 
 def save_config(config, workdir: str) -> None:
@@ -69,6 +70,7 @@ def save_config(config, workdir: str) -> None:
             return
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
         os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
+    faults.point("config.write")
     atomic_write_text(path, text)
 
 
@@ -105,9 +107,11 @@ def save_image_grid(images_uint8: np.ndarray, path: str) -> None:
     os.replace(tmp, path)
 
 
-def save_samples(folder: str, images_uint8: np.ndarray, name: str = "sample") -> None:
+def save_samples(folder: str, images_uint8: np.ndarray, name: str = "sample",
+                 step=None) -> None:
     """`<folder>/<name>.npz` (key 'samples', uint8 NHWC) and `<name>.png` (a grid)."""
     os.makedirs(folder, exist_ok=True)
+    faults.watch("samples.during", step, os.path.join(folder, "*.tmp-*"))
     atomic_savez(os.path.join(folder, f"{name}.npz"), samples=images_uint8)
     save_image_grid(images_uint8, os.path.join(folder, f"{name}.png"))
 

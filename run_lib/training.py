@@ -27,7 +27,7 @@ import losses
 from evaluation import images_to_uint8
 from models import utils as mutils
 from run_lib import checkpoints, faults, files, logs
-from run_lib.checks import validate_config
+from run_lib.checks import prepare
 from run_lib.devices import batch_sharded, gather, make_mesh, replicated, to_global
 from run_lib.interrupt import Interrupted, interrupted
 from run_lib.steps import build, build_step_fns, get_sample_fn, stream
@@ -69,10 +69,12 @@ class _Run:
         k = snapshot_index(step, self.config.training.snapshot_freq)
         if k in self.snapshots.all_steps(read=True):
             folder = checkpoints.step_dir(self.snapshots, k)
-            written = (checkpoints.read_manifest(folder) or {}).get("train_step", step)
-            if written != step:
+            manifest = checkpoints.read_manifest(folder)
+            if manifest is None:  # killed between Orbax's commit and the manifest
+                checkpoints.write_manifest(folder, step)
+            elif manifest["train_step"] != step:
                 logging.info("Replacing %s (step %d, the end of an earlier run) by step %d.",
-                             folder, written, step)
+                             folder, manifest["train_step"], step)
                 self.snapshots.delete(k)
         if k not in self.snapshots.all_steps(read=True):
             checkpoints.save(self.snapshots, k, state, "snapshot", step)
@@ -85,7 +87,7 @@ class _Run:
 
 def train(config, workdir: str) -> None:
     """Trains the configured score model, resuming from workdir/checkpoints-meta if present."""
-    validate_config(config, "train")
+    config = prepare(config, "train")
     files.check_workdir(workdir)
     mesh = make_mesh()
     sde, model = build(config)
@@ -168,7 +170,7 @@ def _initial_state(config, workdir, meta, train_iter, sharding):
     rng = jax.random.PRNGKey(config.seed)
     abstract = checkpoints.abstract_state(config, rng, sharding)
     state, step = checkpoints.restore_newest_good(meta, abstract)
-    checkpoints.clean_data_states(workdir, [] if step is None else [step])
+    checkpoints.clean_data_states(workdir, meta.all_steps(read=True))
     if state is None:
         return checkpoints.init_state(config, rng, sharding)
     if not checkpoints.restore_data_state(workdir, step, train_iter):
@@ -199,5 +201,5 @@ def snapshot_samples(sample_fn, state, step, workdir):
                  time.time() - t0)
     if files.is_chief():
         folder = os.path.join(workdir, "samples", f"iter_{step}")
-        files.save_samples(folder, samples)
+        files.save_samples(folder, samples, step=step)
         logging.info("Wrote %s.", os.path.join(folder, "sample.png"))
