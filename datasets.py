@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+import re
 from collections.abc import Callable
 
 import jax
@@ -246,10 +247,11 @@ def _read_idx_pair(image_path: str, label_path: str) -> tuple[np.ndarray, np.nda
             f"{image_path}: expected uint8 images [N, H, W], got {images.dtype} "
             f"{list(images.shape)}."
         )
-    if labels.shape != images.shape[:1]:
+    if labels.ndim != 1:
+        raise DataError(f"{label_path}: expected labels [N], got shape {list(labels.shape)}.")
+    if len(labels) != len(images):
         raise DataError(
-            f"{image_path} holds {images.shape[0]} images but {label_path} holds labels of "
-            f"shape {list(labels.shape)}: expected [{images.shape[0]}]."
+            f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels."
         )
     return images, labels
 
@@ -341,7 +343,8 @@ def _first_record_shape(path: str, channels: int) -> tuple[int, int, int]:
     try:
         first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
     except tf.errors.OpError as e:
-        raise DataError(f"{path}: cannot be read as TFRecords ({e.message}).") from None
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message).strip()  # drop TF's op names
+        raise DataError(f"{path}: cannot be read as TFRecords ({reason}).") from None
     if first is None:
         raise DataError(f"{path}: holds no records.")
     try:
