@@ -228,6 +228,7 @@ def _get_spec(config) -> DatasetSpec:
 
 # ----------------------------------------------------------------------------- IDX files
 
+
 def _find_idx_file(data_dir: str, prefix: str) -> str | None:
     # Files are named `train-images-idx3-ubyte` by the original distribution; some mirrors use a
     # dot before `idx`.
