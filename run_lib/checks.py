@@ -42,9 +42,12 @@ def _check_names(config, problems):
     problems.check(config.training.sde.lower() in SDE_NAMES,
                    f"config.training.sde={config.training.sde!r}; valid: {list(SDE_NAMES)}")
     problems.call("config.model.name", mutils.get_model, config.model.name)
-    problems.check(config.data.dataset in datasets.DATASETS,
-                   f"config.data.dataset={config.data.dataset!r}; valid: "
-                   f"{sorted(datasets.DATASETS)}")
+    spec = datasets.DATASETS.get(config.data.dataset)
+    problems.check(spec is not None, f"config.data.dataset={config.data.dataset!r}; valid: "
+                                     f"{sorted(datasets.DATASETS)}")
+    problems.check(spec is None or config.data.num_channels == spec.channels,
+                   f"config.data.num_channels={config.data.num_channels} but "
+                   f"{config.data.dataset} has {spec and spec.channels} channel(s)")
     problems.call("config.sampling.method", sampling.get_sampler, config.sampling.method)
     if config.sampling.method == "pc":
         problems.call("config.sampling.predictor", sampling.get_predictor,
