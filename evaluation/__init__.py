@@ -2,7 +2,8 @@
 
 - `evaluation.inception`: the network (pytorch-fid's FID Inception in Flax), its
   preprocessing, the pure `apply(variables, images)` and `images_to_uint8`;
-- `evaluation.weights`: torch-free `.pth` reading, the Inception's weights and cache;
+- `evaluation.pth`: torch-free, hardened reading of `.pth` files (any checkpoint);
+- `evaluation.weights`: the Inception's weights, their cache and Flax mapping;
 - `evaluation.metrics`: FID, KID, IS and the dataset statistics files.
 
 Typical use::
@@ -20,7 +21,7 @@ from typing import Any
 
 import jax
 
-from . import inception, metrics, weights
+from . import inception, metrics, pth, weights
 from .inception import (
     INCEPTION_SIZE,
     NUM_LOGITS,
@@ -44,19 +45,17 @@ from .metrics import (
     load_dataset_stats,
     save_stats,
 )
+from .pth import WeightFileError, load_torch_checkpoint, load_torch_state_dict
 from .weights import (
     CACHE_ENV_VAR,
     FID_WEIGHTS_FILENAME,
     FID_WEIGHTS_URL,
     WEIGHTS_CONFIG_KEY,
-    WeightFileError,
     default_cache_dir,
     download_inception_weights,
     inception_variable_shapes,
     init_random_variables,
     load_inception_variables,
-    load_torch_checkpoint,
-    load_torch_state_dict,
     torch_state_dict_keys,
     torch_state_dict_shapes,
     torch_state_dict_to_flax,
@@ -97,7 +96,7 @@ __all__ = [
     "inception_score_from_logits", "inception_variable_shapes", "init_random_variables",
     "kid_and_std_from_activations", "kid_from_activations", "load_dataset_stats",
     "load_inception_variables", "load_torch_checkpoint", "load_torch_state_dict",
-    "metrics", "preprocess_images", "resize_bilinear_torch", "save_stats",
+    "metrics", "preprocess_images", "pth", "resize_bilinear_torch", "save_stats",
     "torch_state_dict_keys", "torch_state_dict_shapes", "torch_state_dict_to_flax",
     "weights",
 ]

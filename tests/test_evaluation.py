@@ -5,14 +5,18 @@ Genuine PyTorch fixtures come from tests/fixtures/make_torch_fixtures.py (run on
 PyTorch in a throwaway venv); the project itself never imports torch.
 """
 
+import contextlib
 import functools
 import importlib.util
 import io
 import os
 import pickle
+import struct
 import sys
+import tracemalloc
 import urllib.error
 import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -201,6 +205,18 @@ def test_images_to_uint8_truncates_like_score_sde():
     np.testing.assert_array_equal(ev.images_to_uint8(x), [0, 0, 127, 254, 255, 255])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_images_to_uint8_is_the_reference_rule(dtype):
+    # score_sde: np.clip(x * 255, 0, 255).astype(np.uint8), i.e. truncation, by hand:
+    # 0.999 -> 0, 1.999 -> 1, 254.5 -> 254 (rounding would give 1, 2, 254 or 255),
+    # below 0 -> 0, above 1 -> 255.
+    x = np.array([0.999 / 255, 1.999 / 255, 254.5 / 255, 254.999 / 255, -0.1, 1.2,
+                  128 / 255], dtype)
+    got = ev.images_to_uint8(x.reshape(1, 7, 1, 1))
+    assert got.dtype == np.uint8 and got.shape == (1, 7, 1, 1)
+    np.testing.assert_array_equal(got.ravel(), [0, 1, 254, 254, 0, 255, 128])
+
+
 # --------------------------------------------------------------------------------------
 # PyTorch files without torch
 # --------------------------------------------------------------------------------------
@@ -264,7 +280,7 @@ def test_refuses_foreign_globals_zip(tmp_path):
     path = tmp_path / "evil.pth"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("evil/data.pkl", _evil_pickle(marker))
-    with pytest.raises(pickle.UnpicklingError, match="os.system"):
+    with pytest.raises(ev.WeightFileError, match="os.system"):
         ev.load_torch_state_dict(path)
     assert not marker.exists()
 
@@ -272,14 +288,14 @@ def test_refuses_foreign_globals_zip(tmp_path):
 def test_refuses_foreign_globals_legacy(tmp_path):
     marker = tmp_path / "pwned"
     buf = io.BytesIO()
-    headers = (ev.weights.TORCH_MAGIC_NUMBER, ev.weights.TORCH_LEGACY_PROTOCOL,
+    headers = (ev.pth.TORCH_MAGIC_NUMBER, ev.pth.TORCH_LEGACY_PROTOCOL,
                {"little_endian": True})
     for header in headers:
         pickle.dump(header, buf, protocol=2)
     buf.write(_evil_pickle(marker))
     path = tmp_path / "evil.pth"
     path.write_bytes(buf.getvalue())
-    with pytest.raises(pickle.UnpicklingError, match="os.system"):
+    with pytest.raises(ev.WeightFileError, match="os.system"):
         ev.load_torch_state_dict(path)
     assert not marker.exists()
 
@@ -295,8 +311,231 @@ def test_refuses_global_inside_state_dict(tmp_path):
     with zipfile.ZipFile(tmp_path / "bad.pth", "w") as zf:
         for name, data in records.items():
             zf.writestr(name, bad if name.endswith("data.pkl") else data)
-    with pytest.raises(pickle.UnpicklingError, match="builtins.eval"):
+    with pytest.raises(ev.WeightFileError, match="builtins.eval"):
         ev.load_torch_state_dict(tmp_path / "bad.pth")
+
+
+def test_weight_file_error_is_value_and_unpickling_error():
+    assert issubclass(ev.WeightFileError, ValueError)
+    assert issubclass(ev.WeightFileError, pickle.UnpicklingError)
+
+
+def test_refuses_disallowed_numpy_dtype(tmp_path):
+    # numpy.dtype('O') would let an object scalar through; only numeric dtypes pass.
+    path = tmp_path / "objdtype.pth"
+    tw.write_zip(path, b"cnumpy\ndtype\n(VO\nI00\nI01\ntR.", {})
+    with pytest.raises(ev.WeightFileError, match="numpy dtype 'O' is not allowed"):
+        ev.load_torch_checkpoint(path)
+
+
+def test_expected_shapes_checked_before_reading(tmp_path):
+    path = os.path.join(FIXTURES, "small_zip.pth")
+    sd = ev.load_torch_state_dict(path, expected_shapes={"conv.weight": (2, 3, 2, 2)})
+    assert sd["conv.weight"].shape == (2, 3, 2, 2)
+    with pytest.raises(ev.WeightFileError, match=r"conv.weight: \(2, 3, 2, 2\), expected"):
+        ev.load_torch_state_dict(path, expected_shapes={"conv.weight": (3, 2, 2, 2)})
+    with pytest.raises(ev.WeightFileError, match="fc.bias: missing"):
+        ev.load_torch_state_dict(path, expected_shapes={"fc.bias": (4,)})
+
+
+# --------------------------------------------------------------------------------------
+# General checkpoints: score_sde_pytorch's checkpoint_<k>.pth
+# --------------------------------------------------------------------------------------
+
+
+def test_reads_score_sde_pytorch_checkpoint():
+    # Written by yang-song/score_sde_pytorch's utils.save_checkpoint (torch 2.x zip):
+    # VE NCSN++ continuous, nf=4, num_scales=1000, EMA rate 0.999, two training steps.
+    ckpt = ev.load_torch_checkpoint(
+        os.path.join(FIXTURES, "score_sde_pytorch_ve_checkpoint_1.pth"))
+    assert list(ckpt) == ["optimizer", "model", "ema", "step"] and ckpt["step"] == 2
+    model = ckpt["model"]
+    sigmas = model["module.sigmas"]  # a float64 buffer, not a parameter
+    assert sigmas.shape == (1000,) and sigmas.dtype == np.float64
+    assert np.all(np.diff(sigmas) < 0)  # geometric, sigma_max first
+    params = [(k, v) for k, v in model.items() if k != "module.sigmas"]
+    assert all(k.startswith("module.all_modules.") for k, _ in params)
+    assert all(v.dtype == np.float32 for _, v in params)
+    assert params[0][0] == "module.all_modules.0.W" and params[0][1].shape == (4,)
+    assert len(params) == 217
+
+    ema = ckpt["ema"]
+    assert ema["decay"] == pytest.approx(0.999) and ema["num_updates"] == 2
+    shadow = ema["shadow_params"]
+    # The Fourier features' W has requires_grad=False, so the EMA list skips it: one
+    # entry fewer, and entry i is parameter i + 1.
+    assert isinstance(shadow, list) and len(shadow) == len(params) - 1
+    assert [s.shape for s in shadow] == [v.shape for _, v in params[1:]]
+    assert not np.array_equal(shadow[0], params[1][1])  # EMA noise made them differ
+
+    opt = ckpt["optimizer"]
+    group = opt["param_groups"][0]
+    assert type(group["lr"]) is np.float64 and group["lr"] == pytest.approx(4e-8)
+    assert group["betas"] == (0.9, 0.999) and group["params"] == list(range(217))
+    assert sorted(opt["state"]) == list(range(1, 217))  # no Adam state for W
+    state = opt["state"][1]
+    assert state["step"].shape == () and state["step"].dtype == np.float32
+    assert state["exp_avg"].shape == params[1][1].shape
+    assert "torch" not in sys.modules
+
+
+# --------------------------------------------------------------------------------------
+# Hostile and damaged files: one clear error, before any large allocation
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _peak_allocation():
+    """Peak Python + numpy allocation (bytes) inside the block, in box['peak']."""
+    box = {}
+    tracemalloc.start()
+    try:
+        yield box
+    finally:
+        box["peak"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+
+_SMALL_PEAK = 32 << 20  # far below the 2 GiB each hostile file below asks for
+
+
+def _one_tensor_file(path, legacy, declared_numel, size, stride, offset=0, held=1):
+    """A file whose only tensor views a float32 storage declaring `declared_numel`
+    elements while the file holds `held` of them."""
+    data = np.zeros(held, np.float32)
+    storage = tw.StorageToPickle("0", data)
+    pkl = tw.pickle_tensors({"w": tw.TensorToPickle(storage, offset, size, stride)},
+                            legacy, numel_override={"0": declared_numel})
+    if legacy:
+        tw.write_legacy(path, pkl, {"0": data.tobytes()}, {"0": declared_numel})
+    else:
+        tw.write_zip(path, pkl, {"0": data.tobytes()})
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_storage_declared_larger_than_file_is_refused_before_allocating(tmp_path, legacy):
+    path = _one_tensor_file(tmp_path / "huge.pth", legacy, 2 ** 29, (2 ** 29,), (1,))
+    assert os.path.getsize(path) < 1000
+    with _peak_allocation() as mem, pytest.raises(ev.WeightFileError) as info:
+        ev.load_torch_state_dict(path)
+    assert mem["peak"] < _SMALL_PEAK
+    assert str(path) in str(info.value)
+    assert "declares 536870912 elements (2147483648 bytes)" in str(info.value)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_stride_zero_view_cannot_expand_a_tiny_storage(tmp_path, legacy):
+    # 2^15 x 2^14 float32 (2 GiB) all reading element 0 of a one-element storage.
+    path = _one_tensor_file(tmp_path / "stride0.pth", legacy, 1, (2 ** 15, 2 ** 14), (0, 0))
+    with _peak_allocation() as mem, pytest.raises(ev.WeightFileError, match="stride 0"):
+        ev.load_torch_state_dict(path)
+    assert mem["peak"] < _SMALL_PEAK
+    # A small expanded view (within the 1 MiB allowance) is a legitimate tensor.
+    path = _one_tensor_file(tmp_path / "small.pth", legacy, 1, (3, 4), (0, 0))
+    np.testing.assert_array_equal(ev.load_torch_state_dict(path)["w"], np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("offset, size, stride, message", [
+    (0, (3,), (1,), "reads past its storage of 2 elements"),
+    (2, (1,), (1,), "reads past its storage of 2 elements"),
+    (0, (2, 2), (1, 1), "reads past its storage of 2 elements"),
+    (1, (2,), (-1,), "bad tensor geometry"),
+    (0, (-1,), (1,), "bad tensor geometry"),
+    (0, (2, 1), (1,), "bad tensor geometry"),
+])
+def test_views_outside_their_storage_are_refused(tmp_path, offset, size, stride, message):
+    path = _one_tensor_file(tmp_path / "view.pth", False, 2, size, stride, offset, held=2)
+    with pytest.raises(ev.WeightFileError, match=message):
+        ev.load_torch_state_dict(path)
+
+
+def _raw_zip(path, members, central_copies=1):
+    """A zip built by hand, so members can declare sizes and CRCs that are lies.
+
+    members: (name, method, crc, data, declared_size); `central_copies` > 1 lists each
+    member that many times, all pointing at the same data. Layout from the zip
+    specification (APPNOTE 4.3.7 local header, 4.3.12 central directory, 4.3.16 end).
+    """
+    local, central = b"", b""
+    for name, method, crc, data, declared in members:
+        fields = struct.pack("<HHHHHIIIHH", 20, 0, method, 0, 0x21, crc, len(data),
+                             declared, len(name), 0)
+        central += central_copies * (
+            b"PK\x01\x02" + struct.pack("<H", 20) + fields
+            + struct.pack("<HHHII", 0, 0, 0, 0, len(local)) + name.encode())
+        local += b"PK\x03\x04" + fields + name.encode() + data
+    n = len(members) * central_copies
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, len(central), len(local), 0)
+    path.write_bytes(local + central + end)
+    return path
+
+
+def _zeros_deflated(n_mib):
+    """A raw deflate stream of n_mib MiB of zeros, without compressing them all:
+    full-flush blocks do not refer back, so one block can be repeated."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = c.compress(bytes(1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
+    return block * n_mib + c.flush()
+
+
+def _bomb_members(declared_numel, stream, declared_size):
+    pkl = tw.pickle_tensors({"w": tw.TensorToPickle(tw.StorageToPickle(
+        "0", np.zeros(1, np.float32)), 0, (declared_numel,), (1,))},
+        numel_override={"0": declared_numel})
+    return [("a/data.pkl", 0, zlib.crc32(pkl), pkl, len(pkl)),
+            ("a/data/0", 8, 0, stream, declared_size)]
+
+
+def test_zip_bomb_declaring_gigabytes_is_refused(tmp_path):
+    # 2 MiB of deflate that honestly inflates to 2 GiB, for a 2 GiB storage.
+    stream = _zeros_deflated(2048)
+    path = _raw_zip(tmp_path / "bomb.pth", _bomb_members(2 ** 29, stream, 2 ** 31))
+    with _peak_allocation() as mem, pytest.raises(ev.WeightFileError, match="zip bomb"):
+        ev.load_torch_state_dict(path)
+    assert mem["peak"] < _SMALL_PEAK + 2 * len(stream)
+
+
+def test_zip_member_inflating_past_its_declared_size_is_not_read(tmp_path):
+    # The member declares 4 bytes (one float) but its stream inflates to 2 GiB.
+    stream = _zeros_deflated(2048)
+    path = _raw_zip(tmp_path / "liar.pth", _bomb_members(1, stream, 4))
+    with _peak_allocation() as mem, pytest.raises(ev.WeightFileError, match="CRC") as info:
+        ev.load_torch_state_dict(path)
+    assert mem["peak"] < _SMALL_PEAK + 2 * len(stream)
+    assert str(path) in str(info.value)
+
+
+def test_zip_members_overlapping_or_past_the_end_are_refused(tmp_path):
+    pkl = tw.pickle_tensors({})
+    members = [("a/data.pkl", 0, zlib.crc32(pkl), pkl, len(pkl))]
+    _raw_zip(tmp_path / "ok.pth", members)
+    assert ev.load_torch_checkpoint(tmp_path / "ok.pth") == {}
+    # Many directory entries sharing one member's bytes (a non-recursive zip bomb).
+    _raw_zip(tmp_path / "shared.pth", members, central_copies=40)
+    with pytest.raises(ev.WeightFileError, match="overlap or extend past the file"):
+        ev.load_torch_checkpoint(tmp_path / "shared.pth")
+    data = bytearray((tmp_path / "ok.pth").read_bytes())
+    central = data.index(b"PK\x01\x02")
+    struct.pack_into("<I", data, central + 20, 10 ** 6)  # compressed size past the end
+    (tmp_path / "past.pth").write_bytes(bytes(data))
+    with pytest.raises(ev.WeightFileError, match="overlap or extend past the file"):
+        ev.load_torch_checkpoint(tmp_path / "past.pth")
+
+
+@pytest.mark.parametrize("name", ["small_zip.pth", "small_legacy.pth"])
+def test_truncated_files_name_the_file(tmp_path, name):
+    data = open(os.path.join(FIXTURES, name), "rb").read()
+    cuts = sorted(set(np.linspace(0, len(data) - 1, 40).astype(int)) | {1, 2, 8, 60})
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}.pth"
+        path.write_bytes(data[:cut])
+        with pytest.raises(ev.WeightFileError) as info:
+            ev.load_torch_state_dict(path)
+        message = str(info.value)
+        assert str(path) in message and "truncated or not a PyTorch checkpoint" in message, (
+            cut, message)
+        assert "persistent IDs" not in message
 
 
 def test_rejects_wrong_state_dict():

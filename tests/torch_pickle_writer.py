@@ -1,6 +1,6 @@
 """Write numpy arrays as `torch.save` files without torch, for tests.
 
-The inverse of `evaluation.weights.load_torch_state_dict`: `save_torch_state_dict`
+The inverse of `evaluation.pth.load_torch_state_dict`: `save_torch_state_dict`
 writes the zip format of PyTorch >= 1.6 or the older legacy stream, both of which
 `torch.load(weights_only=True)` reads (checked by tests/fixtures/make_torch_fixtures.py
 --check-writer). `flax_to_torch_state_dict` is the inverse of
@@ -20,13 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from evaluation.weights import (
-    STORAGE_DTYPES,
-    TORCH_LEGACY_PROTOCOL,
-    TORCH_MAGIC_NUMBER,
-    torch_key,
-    torch_layout,
-)
+from evaluation.pth import STORAGE_DTYPES, TORCH_LEGACY_PROTOCOL, TORCH_MAGIC_NUMBER
+from evaluation.weights import torch_key, torch_layout
 
 
 def flax_to_torch_state_dict(variables: Any) -> dict[str, np.ndarray]:
