@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 INCEPTION_SIZE = 299
 POOL_DIM = 2048
@@ -404,7 +405,6 @@ def compute_activations(
     """
     iterator = images
     if progress:
-        from tqdm.auto import tqdm  # optional dependency, only for the progress bar
         iterator = tqdm(images, total=total, desc=desc, unit="batch")
     outputs: dict[str, list[np.ndarray]] = {"pool_3": [], "logits": []}
     pending = None
