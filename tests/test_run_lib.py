@@ -77,11 +77,13 @@ def test_non_finite_loss_stops_without_touching_checkpoints(trained, data_dir, t
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
     """A pytorch-fid-layout weight file with random values, written without PyTorch."""
+    import torch_pickle_writer
+
     import evaluation
 
     path = str(tmp_path_factory.mktemp("inception") / "pt_inception-random.pth")
-    sd = evaluation.flax_to_torch_state_dict(evaluation.init_random_variables(seed=0))
-    evaluation.save_torch_state_dict(path, sd)
+    sd = torch_pickle_writer.flax_to_torch_state_dict(evaluation.init_random_variables(seed=0))
+    torch_pickle_writer.save_torch_state_dict(path, sd)
     return path
 
 
