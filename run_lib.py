@@ -294,7 +294,7 @@ def _restore_data_state(workdir, step, iterator) -> bool:
 
 def _build(config):
     sde = sde_lib.get_sde(config)
-    model = mutils.get_model(config.model.name)(config=config)
+    model = mutils.create_model(config)
     return sde, model
 
 
