@@ -42,7 +42,7 @@ def main():
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
 
     sde = get_sde(config)
-    model = mutils.get_model(config.model.name)(config=config)
+    model = mutils.create_model(config)
     state = run_lib.init_state(config, jax.random.PRNGKey(config.seed), replicated)
     train_step, eval_losses = run_lib.build_step_fns(config, sde, model, get_optimizer(config),
                                                      mesh)
