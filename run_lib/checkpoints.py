@@ -178,6 +178,8 @@ def write_manifest(folder: str, train_step: int) -> None:
     if files.is_chief():
         manifest = {"train_step": int(train_step), "sha256": _file_hashes(folder)}
         files.atomic_write_text(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+        size = sum(os.path.getsize(os.path.join(folder, rel)) for rel in manifest["sha256"])
+        logging.info("Saved %s (step %d, %.1f MiB).", folder, train_step, size / 2**20)
 
 
 def _is_disk_full(error) -> bool:
@@ -235,7 +237,7 @@ def restore(manager, step: int, abstract):
 def restore_newest_good(manager, abstract):
     """(state, step) from the newest meta checkpoint that verifies, falling back to older ones
     with a warning; (None, None) if there is none. A config mismatch is not damage: it stops."""
-    steps = sorted(manager.all_steps(read=True), reverse=True)
+    steps = sorted(manager.all_steps(), reverse=True)
     damaged = []
     for step in steps:
         try:

@@ -64,6 +64,11 @@ def _training_alive(workdir: str) -> bool:
     return bool(times) and time.time() - max(times) < TRAINING_ALIVE_SECS
 
 
+def _steps_on_disk(manager):
+    manager.reload()  # a training run may have written new ones meanwhile
+    return manager.all_steps()
+
+
 def _wait_for_checkpoint(manager, ckpt, config, workdir):
     """Waits for checkpoint `ckpt`: eval.ckpt_wait_secs if set (>= 0); by default 24 h, but
     only while a training run is writing to the workdir; otherwise fails at once."""
@@ -71,9 +76,9 @@ def _wait_for_checkpoint(manager, ckpt, config, workdir):
     if limit < 0:
         limit = DEFAULT_WAIT_SECS if _training_alive(workdir) else 0.0
     waited, poll = 0.0, min(60.0, max(1.0, limit / 10))
-    while ckpt not in manager.all_steps(read=True):
+    while ckpt not in _steps_on_disk(manager):
         if waited >= limit or interrupted():
-            existing = sorted(manager.all_steps(read=True))
+            existing = sorted(_steps_on_disk(manager))
             raise FileNotFoundError(
                 f"Checkpoint {ckpt} is not in {manager.directory} (existing: {existing}) and "
                 + (f"did not appear within {limit:.0f} s (config.eval.ckpt_wait_secs)."

@@ -59,7 +59,7 @@ class _Run:
     def save_meta(self, step, state):
         # Pipeline state first: a meta checkpoint is only ever paired with its own data.
         checkpoints.save_data_state(self.workdir, step, self.train_iter)
-        if step in self.meta.all_steps(read=True):  # a damaged one this run fell back from
+        if step in self.meta.all_steps():  # a damaged one this run fell back from
             self.meta.delete(step)
         checkpoints.save(self.meta, step, state, "meta", step)
         checkpoints.clean_data_states(self.workdir, self.meta.all_steps())
@@ -67,7 +67,7 @@ class _Run:
     def save_snapshot(self, step, state):
         """checkpoint_<k> and the sample grid of `step`, each unless it already exists."""
         k = snapshot_index(step, self.config.training.snapshot_freq)
-        if k in self.snapshots.all_steps(read=True):
+        if k in self.snapshots.all_steps():
             folder = checkpoints.step_dir(self.snapshots, k)
             manifest = checkpoints.read_manifest(folder)
             if manifest is None:  # killed between Orbax's commit and the manifest
@@ -76,9 +76,8 @@ class _Run:
                 logging.info("Replacing %s (step %d, the end of an earlier run) by step %d.",
                              folder, manifest["train_step"], step)
                 self.snapshots.delete(k)
-        if k not in self.snapshots.all_steps(read=True):
+        if k not in self.snapshots.all_steps():
             checkpoints.save(self.snapshots, k, state, "snapshot", step)
-            logging.info("Saved %s (step %d).", checkpoints.step_dir(self.snapshots, k), step)
         grid = os.path.join(self.workdir, "samples", f"iter_{step}", "sample.png")
         if self.sample_fn is not None and not os.path.exists(grid):
             faults.point("samples.before", step)
@@ -170,7 +169,7 @@ def _initial_state(config, workdir, meta, train_iter, sharding):
     rng = jax.random.PRNGKey(config.seed)
     abstract = checkpoints.abstract_state(config, rng, sharding)
     state, step = checkpoints.restore_newest_good(meta, abstract)
-    checkpoints.clean_data_states(workdir, meta.all_steps(read=True))
+    checkpoints.clean_data_states(workdir, meta.all_steps())
     if state is None:
         return checkpoints.init_state(config, rng, sharding)
     if not checkpoints.restore_data_state(workdir, step, train_iter):
