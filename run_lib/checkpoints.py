@@ -56,13 +56,16 @@ def managers(workdir: str, config, create: bool = True):
     keep = int(config.training.get("max_ckpts_to_keep", 0)) or None
     common = dict(create=create, enable_async_checkpointing=False,
                   cleanup_tmp_directories=create, read_only=not create)
+    # An explicit handler lets a fresh manager read what an earlier process wrote (metadata).
     snapshots = ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, step_prefix="checkpoint",
-                                             **common))
-    meta = ocp.CheckpointManager(os.path.join(workdir, "checkpoints-meta"),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=META_KEEP,
-                                                                      **common))
+                                             **common),
+        item_handlers=ocp.StandardCheckpointHandler())
+    meta = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints-meta"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=META_KEEP, **common),
+        item_handlers=ocp.StandardCheckpointHandler())
     return snapshots, meta
 
 
