@@ -18,11 +18,10 @@ import datasets
 import evaluation
 import likelihood
 import ode
-from models import utils as mutils
 from run_lib import files, logs
 from run_lib.devices import batch_sharded, gather, local_part, replicated, to_global
 from run_lib.interrupt import Interrupted, interrupted
-from run_lib.steps import build_step_fns, get_sample_fn
+from run_lib.steps import build_step_fns, get_sample_fn, get_score_fn
 
 
 class LossEvaluator:
@@ -68,9 +67,7 @@ class BpdEvaluator:
             atol=config.sampling.ode_atol, method=method)
 
         def bpd_fn(key, params, model_state, x):
-            # Continuous-time labels whatever the objective, as in the reference.
-            score_fn = mutils.get_score_fn(sde, model, params, model_state, train=False,
-                                           continuous=True)
+            score_fn = get_score_fn(config, sde, model, params, model_state, any_time=True)
             return likelihood_fn(key, score_fn, x)[0]
 
         self.sharding = batch_sharded(mesh)

@@ -20,15 +20,18 @@ def build(config):
     return sde_lib.get_sde(config), mutils.create_model(config)
 
 
-def score_is_continuous(config) -> bool:
-    """Whether samplers evaluate the network with continuous-time labels.
+def get_score_fn(config, sde, model, params, model_state, any_time: bool):
+    """The EMA network as a score function for sampling or likelihoods.
 
-    PC samplers follow the training objective; every other sampler (the probability-flow ODE,
-    and likelihoods) evaluates the score at arbitrary times and uses continuous labels whatever
-    the objective, as the reference does (yang-song/score_sde sampling.get_ode_sampler,
-    likelihood.get_likelihood_fn): this is what the paper's bits/dim protocol measures.
+    `any_time=False` (PC samplers) follows the training objective's labels; `any_time=True` (the
+    probability-flow ODE, likelihoods and every other sampler, which evaluate the score at
+    arbitrary times) uses continuous-time labels whatever the objective, as the reference does
+    (yang-song/score_sde sampling.get_ode_sampler, likelihood.get_likelihood_fn): this is what
+    the paper's bits/dim protocol measures for the discrete DDPM models too.
     """
-    return bool(config.training.continuous) or config.sampling.method != "pc"
+    continuous = bool(config.training.continuous) or any_time
+    return mutils.get_score_fn(sde, model, params, model_state, train=False,
+                               continuous=continuous)
 
 
 def build_step_fns(config, sde, model, optimizer, mesh):
@@ -65,12 +68,10 @@ def get_sample_fn(config, sde, model, shape, mesh):
     """
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     sampler = sampling.get_sampling_fn(config, sde, shape, inverse_scaler, sde.sampling_eps)
-    continuous = score_is_continuous(config)
+    any_time = config.sampling.method != "pc"
 
     def sample(rng, params, model_state):
-        score_fn = mutils.get_score_fn(sde, model, params, model_state, train=False,
-                                       continuous=continuous)
-        return sampler(rng, score_fn)
+        return sampler(rng, get_score_fn(config, sde, model, params, model_state, any_time))
 
     if config.sampling.method == "ode" and ode.is_host_method(config.sampling.ode_method):
         return sample
