@@ -6,6 +6,7 @@ folder and renamed into place, so a run killed at any moment leaves no half-writ
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -111,6 +112,8 @@ def save_samples(folder: str, images_uint8: np.ndarray, name: str = "sample",
                  step=None) -> None:
     """`<folder>/<name>.npz` (key 'samples', uint8 NHWC) and `<name>.png` (a grid)."""
     os.makedirs(folder, exist_ok=True)
+    for leftover in glob.glob(os.path.join(folder, f"{name}.*.tmp-*")):
+        os.remove(leftover)  # of a write killed before its rename
     faults.watch("samples.during", step, os.path.join(folder, "*.tmp-*"))
     atomic_savez(os.path.join(folder, f"{name}.npz"), samples=images_uint8)
     save_image_grid(images_uint8, os.path.join(folder, f"{name}.png"))
