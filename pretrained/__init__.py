@@ -40,13 +40,13 @@ from evaluation.pth import WeightFileError, load_torch_checkpoint
 from pretrained import _diffusers, _torch
 from pretrained._trees import (
     PretrainedError,
-    base_width,
     count_text,
     first_difference,
     flatten,
     match,
     mismatch,
     target_shapes,
+    tree_hints,
     unflatten,
 )
 
@@ -234,7 +234,7 @@ def _read_unet(folder: str, config) -> dict:
                 _diffusers.to_flax_layout(tensors[k[p]]).shape == s
                 for p, s in target_shapes(cfg).items())
 
-        raise mismatch(what, detail, count_text(flat, want), config, fits, nf=base_width(flat))
+        raise mismatch(what, detail, count_text(flat, want), config, fits, tree_hints(flat))
     return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 

@@ -23,7 +23,6 @@ import numpy as np
 
 from pretrained._trees import (
     PretrainedError,
-    base_width,
     count_text,
     creation_order,
     first_difference,
@@ -90,20 +89,32 @@ def _groups(state_dict: dict, path: str) -> list[tuple[int, list[tuple[str, str]
     return sorted(groups.items())
 
 
+def _shapes_text(shapes: dict) -> str:
+    return ", ".join(f"{k} {tuple(v)}" for k, v in sorted(shapes.items()))
+
+
 def _try_convert(state_dict: dict, config, path: str):
     """(flat flax params, [(flax path, layout)] per PyTorch parameter, problem or None)."""
     groups = _groups(state_dict, path)
     names = creation_order(config)
     want = target_shapes(config)
-    flat, order = {}, []
-    for (_, members), top in zip(groups, names, strict=False):
+    flat, order, problem = {}, [], None
+    for (index, members), top in zip(groups, names, strict=False):
+        module = {}
         for key, inner in members:
             parts = inner.split(".")
             module_path = (top, *parts[:-1])
             leaf, layout = _leaf(parts[-1], module_path, want)
-            flat[(*module_path, leaf)] = layout(state_dict[key])
+            flat[(*module_path, leaf)] = module[(*module_path, leaf)] = layout(state_dict[key])
             order.append(((*module_path, leaf), layout))
-    problem = first_difference(flat, want)
+        expected = {p: s for p, s in want.items() if p[0] == top}
+        if problem is None and first_difference(module, expected) is not None:
+            # Modules pair up by position: name the first pair that differs, not a leaf of a
+            # misaligned pair.
+            theirs = {inner: np.shape(state_dict[key]) for key, inner in members}
+            ours = {"/".join(p[1:]): s for p, s in expected.items()}
+            problem = (f"all_modules.{index} in the checkpoint ({_shapes_text(theirs)}) differs "
+                       f"from {top} in the config ({_shapes_text(ours)})")
     if len(groups) != len(names):
         problem = (f"the checkpoint has {len(groups)} modules with parameters, the config's "
                    f"network {len(names)}" + (f"; {problem}" if problem else ""))
@@ -123,8 +134,16 @@ def convert_state_dict(state_dict: dict, config, path: str):
             return _try_convert(state_dict, cfg, path)[2] is None
 
         raise mismatch(path, problem, count_text(flat, target_shapes(config)), config, fits,
-                       nf=base_width(flat))
+                       hints(state_dict))
     return flat, order
+
+
+def hints(state_dict: dict) -> dict:
+    """Base width and Fourier features of a score_sde_pytorch NCSN++ / DDPM state dict (see
+    `_trees.candidate_configs`)."""
+    first_conv = next((v for v in state_dict.values() if np.ndim(v) == 4), None)
+    return {"nf": None if first_conv is None else int(np.shape(first_conv)[0]),
+            "fourier": np.ndim(state_dict.get("all_modules.0.W")) == 1, "resblocks": None}
 
 
 def _trainable(flax_path) -> bool:

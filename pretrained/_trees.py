@@ -79,18 +79,24 @@ def _short(path) -> str:
     return "/".join(path)
 
 
-def _shape_text(shape) -> str:
-    return "absent" if shape is None else str(tuple(shape))
-
-
 def first_difference(have: dict, want: dict) -> str | None:
-    """'parameter P has shape A in the checkpoint but B in the config', or None if equal."""
-    for path in sorted(set(have) | set(want)):
+    """How the first differing parameter differs (checkpoint `have` vs config `want`), or None
+    if the names and shapes agree."""
+    have_tops, want_tops = {p[0] for p in have}, {p[0] for p in want}
+    # A whole module on one side only (e.g. Fourier features: continuous vs discrete) says
+    # more than the shape differences it causes downstream, so it comes first.
+    for path in sorted(set(have) | set(want),
+                       key=lambda p: (p[0] in have_tops and p[0] in want_tops, p)):
         a = None if path not in have else tuple(np.shape(have[path]))
         b = want.get(path)
-        if a != b:
-            return (f"parameter {_short(path)!r} has shape {_shape_text(a)} in the checkpoint "
-                    f"but {_shape_text(b)} in the config")
+        if a == b:
+            continue
+        name = repr(_short(path))
+        if a is None:
+            return f"parameter {name} is absent from the checkpoint (shape {b} in the config)"
+        if b is None:
+            return f"parameter {name} (shape {a} in the checkpoint) is absent from the config"
+        return f"parameter {name} has shape {a} in the checkpoint but {b} in the config"
     return None
 
 
@@ -116,23 +122,26 @@ def match(flat: dict, config, what: str) -> dict:
     if problem is not None:
         raise mismatch(what, problem, count_text(flat, want), config,
                        lambda cfg: first_difference(flat, target_shapes(cfg)) is None,
-                       nf=base_width(flat))
+                       tree_hints(flat))
     return {path: np.asarray(value, np.float32) for path, value in flat.items()}
 
 
-def base_width(flat: dict) -> int | None:
-    """nf of an NCSN++ / DDPM / NCSN checkpoint: the output width of its first conv."""
+def tree_hints(flat: dict) -> dict:
+    """What a flax-named checkpoint says cheaply about its config (see `candidate_configs`)."""
+    tops = {path[0] for path in flat}
+    nf = None
     for key in (("Conv_0", "kernel"), ("init_conv", "kernel")):
         if key in flat:
-            return int(np.shape(flat[key])[-1])
-    return None
+            nf = int(np.shape(flat[key])[-1])  # the first conv's width
+            break
+    return {"nf": nf, "fourier": "GaussianFourierProjection_0" in tops,
+            "resblocks": sum(name.startswith("ResnetBlock") for name in tops) or None}
 
 
-def mismatch(what: str, problem: str, counts: str, config, fits,
-             nf: int | None = None) -> PretrainedError:
+def mismatch(what: str, problem: str, counts: str, config, fits, hints: dict) -> PretrainedError:
     """The error for a checkpoint that does not fit `config`, with the config files that fit
-    (`fits(candidate_config) -> bool`; `nf`: the checkpoint's base width, if known)."""
-    candidates = [rel for rel, cfg in candidate_configs(config, nf) if _safe(fits, cfg)]
+    (`fits(candidate_config) -> bool`; `hints` narrow the candidates, see `candidate_configs`)."""
+    candidates = [rel for rel, cfg in candidate_configs(config, hints) if _safe(fits, cfg)]
     hint = (f" Config files here whose network matches it: {', '.join(candidates)}."
             if candidates else " No config file in configs/ builds this network as it is; "
             "start from the one of the same model and set the differing model keys.")
@@ -159,9 +168,31 @@ def _load_config_file(path: str):
         return None
 
 
-def candidate_configs(config, nf: int | None = None, limit: int = 12):
-    """(relative path, config) of configs/**.py building the same model family (and base width
-    `nf`, if given): cheap filters, so that only these get their parameter shapes traced."""
+def _resblocks(cfg) -> int | None:
+    """Residual blocks of an NCSN++ / DDPM network, from its config."""
+    m = cfg.model
+    if m.name not in ("ncsnpp", "ddpm"):
+        return None
+    levels, n = len(m.ch_mult), m.num_res_blocks
+    resampling = 2 * (levels - 1) if m.name == "ncsnpp" and m.resblock_type == "biggan" else 0
+    return levels * n + 2 + levels * (n + 1) + resampling
+
+
+def _plausible(cfg, config, hints: dict) -> bool:
+    if cfg.model.name != config.model.name:
+        return False
+    if hints.get("nf") is not None and cfg.model.get("nf") != hints["nf"]:
+        return False
+    if hints.get("fourier") is not None and cfg.model.name == "ncsnpp" and \
+            (str(cfg.model.embedding_type).lower() == "fourier") != hints["fourier"]:
+        return False
+    return hints.get("resblocks") is None or _resblocks(cfg) in (None, hints["resblocks"])
+
+
+def candidate_configs(config, hints: dict, limit: int = 6):
+    """(relative path, config) of the configs/**.py that may build the checkpoint's network:
+    the same model as `config`, and the base width, Fourier features and residual-block count
+    in `hints` (any may be None). Cheap filters, so that at most `limit` networks get traced."""
     out = []
     for path in sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)):
         name = os.path.basename(path)
@@ -171,11 +202,8 @@ def candidate_configs(config, nf: int | None = None, limit: int = 12):
             cfg = _load_config_file(path)
         except Exception:  # noqa: BLE001 (a broken candidate is simply not suggested)
             continue
-        if cfg is None or cfg.model.name != config.model.name:
-            continue
-        if nf is not None and cfg.model.get("nf") != nf:
-            continue
-        out.append((os.path.relpath(path, REPO), cfg))
-        if len(out) >= limit:
-            break
+        if cfg is not None and _plausible(cfg, config, hints):
+            out.append((os.path.relpath(path, REPO), cfg))
+            if len(out) >= limit:
+                break
     return out
