@@ -297,10 +297,10 @@ def test_pth_of_another_architecture(tmp_path):
 
 
 @pytest.mark.parametrize("name,framework,file,expected", [
-    # Fourier features only in the checkpoint: a continuous VE model, a discrete-time config.
+    # Modules on one side only come first (here the residual input pyramid of NCSN++).
     ("a_ve_ncsnpp_continuous", "score_sde", "checkpoint_1",
-     "parameter 'GaussianFourierProjection_0/W' (shape (4,) in the checkpoint) is absent from "
-     "the config"),
+     "parameter 'Downsample_0/Conv2d_0/bias' (shape (4,) in the checkpoint) is absent from the "
+     "config"),
     # .pth modules pair up by position: the first pair that differs is named.
     ("b_vp_ddpmpp_continuous", "score_sde_pytorch", "checkpoint_1.pth",
      "the checkpoint has 23 modules with parameters, the config's network 26; all_modules.0 in "
