@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import zipfile
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch_pickle_writer as tw
 from flax import serialization, traverse_util
+from run_helpers import ROOT, restore_tree, run
 
 import configs
 import pretrained
@@ -331,3 +333,80 @@ def test_mismatch_suggests_the_config_file(tmp_path):
     assert re.search(r"parameter '\w+_\d+/\S+' is absent from the checkpoint "
                      r"\(shape \([\d, ]+\) in the config\)", message), message
     assert "configs/vp/fashion_mnist_ddpmpp_quickstart.py" in message
+
+
+# ---------------------------------------------------------------------------- main.py modes
+
+def _tfrecords(path, n=8, size=16):
+    """A tiny 16x16 RGB data set in the FFHQ TFRecord format (raw uint8 CHW `data`, `shape`)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for image in rng.integers(0, 256, size=(n, 3, size, size)).astype(np.uint8):
+            feature = {
+                "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=image.shape)),
+                "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()]))}
+            example = tf.train.Example(features=tf.train.Features(feature=feature))
+            writer.write(example.SerializeToString())
+    return str(path)
+
+
+def _main(mode, workdir, fixture, *overrides):
+    return [sys.executable, os.path.join(ROOT, "main.py"), f"--mode={mode}",
+            f"--config={os.path.join(INTEROP, 'config.py')}:{fixture}", f"--workdir={workdir}",
+            *overrides]
+
+
+def test_import_then_eval_bits_per_dim(tmp_path):
+    fixture = "a_ve_ncsnpp_continuous/score_sde"
+    source = os.path.join(INTEROP, fixture, "checkpoint_1")
+    workdir = str(tmp_path / "work")
+    run(_main("import", workdir, fixture, f"--config.pretrained.path={source}"))
+    stored = restore_tree(os.path.join(workdir, "checkpoints", "checkpoint_1"))
+    loaded = pretrained.load(source, fixture_config(os.path.dirname(source)))
+    assert int(stored["step"]) == 2
+    assert_trees_equal(stored["params_ema"], loaded.params_ema)
+    assert_trees_equal(stored["params"], loaded.params)
+    # Importing again would overwrite it: refused.
+    config = fixture_config(os.path.dirname(source))
+    config.pretrained.path = source
+    with pytest.raises(interop.UsageError, match="checkpoint_1 exists"):
+        interop.import_checkpoint(config, workdir)
+
+    data = _tfrecords(tmp_path / "tiny.tfrecords")
+    run(_main("eval", workdir, fixture, "--config.eval.enable_bpd=True",
+              "--config.eval.enable_loss=False", "--config.eval.begin_ckpt=1",
+              "--config.eval.end_ckpt=1", "--config.eval.batch_size=4",
+              "--config.eval.num_bpd_batches=1", "--config.eval.bpd_num_repeats=1",
+              "--config.data.dataset=FFHQ", f"--config.data.tfrecords_path={data}"))
+    with open(os.path.join(workdir, "eval", "summary.json")) as f:
+        summary = json.load(f)["1"]
+    assert summary["step"] == 2
+    # Uniform noise in [0, 1) images: a meaningful bits/dim is positive and finite.
+    assert np.isfinite(summary["bpd"]) and summary["bpd"] > 0
+
+
+def test_import_diffusers_then_export(tmp_path):
+    fixture = "a2_ve_ncsnpp_skip_continuous/diffusers"
+    workdir, out = str(tmp_path / "work"), str(tmp_path / "exported")
+    run(_main("import", workdir, fixture, f"--config.pretrained.path={A2}"))
+    run(_main("export", workdir, fixture, f"--config.pretrained.out={out}"))
+    from safetensors.numpy import load_file
+
+    ours = load_file(os.path.join(out, "unet", pretrained.UNET_WEIGHTS))
+    theirs = load_file(os.path.join(A2, "unet_ema", pretrained.UNET_WEIGHTS))
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    # A hostile file through main.py: one line, exit code 2, and its code never ran.
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("archive/data.pkl",
+                    b"cos\nsystem\n(V" + f"touch {marker}".encode() + b"\ntR.")
+    bad = run(_main("import", str(tmp_path / "w2"), fixture, f"--config.pretrained.path={evil}"),
+              ok=False)
+    assert bad.returncode == 2 and not marker.exists()
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "os.system" in bad.stderr.strip().splitlines()[-1]
