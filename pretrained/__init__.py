@@ -104,15 +104,17 @@ def _tree(flat: dict):
     return unflatten({k: jnp.asarray(v) for k, v in flat.items()})
 
 
+def _kernel_name(path: tuple) -> tuple:
+    """This project's name for a reference parameter path. The reference's FIR conv
+    (up_or_down_sampling Conv2d) calls its kernel `weight`; every other name is the same."""
+    if len(path) >= 2 and path[-2].startswith("Conv2d_") and path[-1] == "weight":
+        return (*path[:-1], "kernel")
+    return path
+
+
 def _from_reference_names(tree) -> dict:
-    """Flat params with this project's names. The reference's FIR conv (up_or_down_sampling
-    Conv2d) calls its kernel `weight`; everything else already has the same name."""
-    flat = {}
-    for path, value in flatten(tree).items():
-        if len(path) >= 2 and path[-2].startswith("Conv2d_") and path[-1] == "weight":
-            path = (*path[:-1], "kernel")
-        flat[path] = np.asarray(value)
-    return flat
+    """A reference params tree as a flat {path: array} dict with this project's names."""
+    return {_kernel_name(path): np.asarray(value) for path, value in flatten(tree).items()}
 
 
 # ------------------------------------------------------------------------ score_sde (Flax)
@@ -150,23 +152,12 @@ def _flax_moments(moments, config, path, step):
     """flax.optim Adam's {grad_ema, grad_sq_ema} per parameter -> (mu, nu, count) trees."""
     if not isinstance(moments, dict):
         return None
-    try:
-        per_param = _from_reference_names(moments)
-    except Exception:  # noqa: BLE001 (unexpected layout: the moments are simply not used)
-        return None
-    mu = {p[:-1]: v for p, v in per_param.items() if p[-1] == "grad_ema"}
-    nu = {p[:-1]: v for p, v in per_param.items() if p[-1] == "grad_sq_ema"}
-    mu = {_kernel_name(p): v for p, v in mu.items()}
-    nu = {_kernel_name(p): v for p, v in nu.items()}
-    mu = match(mu, config, f"{path} (Adam moments)")
-    nu = match(nu, config, f"{path} (Adam moments)")
+    # Each parameter's leaf is replaced by {grad_ema, grad_sq_ema}, Adam's two moments.
+    per_param = flatten(moments)
+    mu, nu = (match({_kernel_name(p[:-1]): np.asarray(v) for p, v in per_param.items()
+                     if p[-1] == name}, config, f"{path} (Adam moments)")
+              for name in ("grad_ema", "grad_sq_ema"))
     return _tree(mu), _tree(nu), step
-
-
-def _kernel_name(path):
-    if len(path) >= 2 and path[-2].startswith("Conv2d_") and path[-1] == "weight":
-        return (*path[:-1], "kernel")
-    return path
 
 
 # ------------------------------------------------------------------------ score_sde_pytorch
