@@ -72,7 +72,7 @@ def parse_flags(argv):
 
 
 def _maybe_initialize_distributed():
-    import jax
+    import jax  # here for the same reason as run_lib below
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
