@@ -28,7 +28,8 @@ def _variance_scaling_uniform(shape, scale, fan_in, fan_out):
 
 
 def _conv(in_ch, out_ch, k, init_scale=1.0, stride=1, padding=None):
-    conv = nn.Conv2d(in_ch, out_ch, k, stride=stride, padding=k // 2 if padding is None else padding)
+    padding = k // 2 if padding is None else padding
+    conv = nn.Conv2d(in_ch, out_ch, k, stride=stride, padding=padding)
     with torch.no_grad():
         conv.weight.copy_(_variance_scaling_uniform(conv.weight.shape, init_scale,
                                                     in_ch * k * k, out_ch * k * k))
@@ -266,7 +267,7 @@ class NCSNpp(nn.Module):
             x = 2 * x - 1.0
         pyramid = x
         hs = [self.conv_in(x)]
-        for i_level, level in enumerate(self.down):
+        for level in self.down:
             for i_block, blk in enumerate(level["blocks"]):
                 h = blk(hs[-1], temb)
                 if len(level["attn"]):
