@@ -11,16 +11,20 @@ pyramid). Measured, with the same batch, dtype and thread count on every side:
   forward       batch 8, images/s (eval mode, no gradient)
   train step    batch 8, images/s (loss, gradient, Adam, global-norm clipping, EMA)
   PC sampling   batch 4, N=20 reverse-diffusion + Langevin steps, steps/s
-  peak RSS      of a process that only trains / only runs the forward pass
+  peak RSS      of a process that only trains / only runs the forward pass, with this
+                project's compiled programs loaded from its persistent compilation cache (as
+                in any restarted or repeated run); the peak of a JAX process that compiles
+                from scratch is printed below the table
 
 Each peer runs in its own worker process; after compilation and warm-up the workers are
 timed interleaved (one call per peer per round) and medians are printed. Peak RSS comes from
-separate short processes, one per peer and mode (the process's maximum resident set,
-compilation included). With each figure the script records the 1-minute load and the CPU
-share that other processes took during the timed calls: PyTorch's eager execution collapses
-on an oversubscribed CPU, so a comparison on a loaded machine is not valid. The script refuses
-to start above a 1-minute load of --max_load (default 1.0) unless --force is given, and marks
-figures taken while other processes used more than 10% of the CPU.
+separate short processes, one per peer and mode, started after the timing workers have
+filled the compilation cache (the process's maximum resident set). With each figure the
+script records the 1-minute load and the CPU share that other processes took during the
+timed calls: PyTorch's eager execution collapses on an oversubscribed CPU, so a comparison on
+a loaded machine is not valid. The script refuses to start above a 1-minute load of
+--max_load (default 1.0) unless --force is given, and marks figures taken while other
+processes used more than 10% of the CPU.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def _jax_runners(args, modes):
     import sampling
     import sde_lib
 
+    jax_train.runtime.setup_compile_cache(args.compile_cache_dir)
     config = _config()
     config.training.batch_size = args.batch
     config.training.n_jitted_steps = 1
@@ -172,10 +177,12 @@ def _memory_child(peer, mode, args):
     print("RESULT " + json.dumps({"peak_rss": peak}), flush=True)
 
 
-def _measure_memory(peer, mode, args):
+def _measure_memory(peer, mode, args, cache_dir=None):
+    cache_dir = args.compile_cache_dir if cache_dir is None else cache_dir
     cmd = [sys.executable, os.path.abspath(__file__), f"--memory_child={peer}:{mode}",
            f"--batch={args.batch}", f"--sample_batch={args.sample_batch}",
-           f"--n_steps={args.n_steps}", f"--threads={args.threads}", "--warmup=1"]
+           f"--n_steps={args.n_steps}", f"--threads={args.threads}", "--warmup=1",
+           f"--compile_cache_dir={cache_dir}"]
     load = os.getloadavg()[0]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -278,6 +285,8 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     p.add_argument("--quick", action="store_true", help="3 rounds, 10 sampling steps")
     p.add_argument("--no_memory", action="store_true")
+    p.add_argument("--compile_cache_dir", default="auto",
+                   help="this project's compilation cache ('auto': its default; '' off)")
     p.add_argument("--max_load", type=float, default=1.0)
     p.add_argument("--force", action="store_true", help="run even on a loaded machine")
     p.add_argument("--memory_child", default=None, help=argparse.SUPPRESS)
@@ -302,12 +311,6 @@ def main():
         if peer not in REFERENCE_PARAMS:
             raise SystemExit(f"error: unknown peer {peer!r}; valid: {list(REFERENCE_PARAMS)}")
     t0 = time.time()
-    memory = {}
-    if not args.no_memory:
-        print("peak memory (one process per peer and mode) ...", flush=True)
-        for mode in ("train", "forward"):
-            for peer in peers:
-                memory[(peer, mode)] = _measure_memory(peer, mode, args)
     print("starting workers (compilation and warm-up) ...", flush=True)
     workers = _start_workers(peers, args)
     try:
@@ -316,7 +319,18 @@ def main():
         for proc, conn in workers.values():
             conn.send(None)
             proc.join(timeout=30)
+    memory, cold = {}, None
+    if not args.no_memory:
+        print("peak memory (one process per peer and mode) ...", flush=True)
+        for mode in ("train", "forward"):
+            for peer in peers:
+                memory[(peer, mode)] = _measure_memory(peer, mode, args)
+        if "jax" in peers:
+            cold = _measure_memory("jax", "train", args, cache_dir="")
     _print_table(peers, times, foreign, loads, memory, args)
+    if cold is not None:
+        print(f"\nPeak RSS of a train process of this project that compiles its programs "
+              f"(compilation cache off): {cold[0] / 1e9:.2f} GB.")
     print(f"\n{args.repeats} interleaved rounds, medians; {time.time() - t0:.0f} s in all; "
           f"1-minute load at the end {os.getloadavg()[0]:.2f}.")
 

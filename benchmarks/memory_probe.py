@@ -58,6 +58,8 @@ def main():
     p.add_argument("--config", default="ve/cifar10_ncsnpp_continuous")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--trim", action="store_true", help="malloc_trim after init and compile")
+    p.add_argument("--compile_cache_dir", default="",
+                   help="persistent compilation cache ('auto': the project's default)")
     p.add_argument("--set", action="append", default=[],
                    help="config override key=value (python literal), e.g. training.remat=True")
     args = p.parse_args()
@@ -68,6 +70,7 @@ def main():
     import jax
     import jax_train
 
+    jax_train.runtime.setup_compile_cache(args.compile_cache_dir)
     report("imports", t0)
     config = importlib.import_module("configs." + args.config.replace("/", ".")).get_config()
     config.training.batch_size = args.batch

@@ -28,16 +28,18 @@ CASES = {"quickstart": "configs.vp.fashion_mnist_ddpmpp_quickstart",
          "cifar10_ncsnpp_continuous": "configs.ve.cifar10_ncsnpp_continuous"}
 
 
-def child(module, batch, cache_dir):
+def child(module, batch, n_jitted, cache_dir):
     import jax
-
     import jax_train
+
     from run_lib import runtime
 
     used = runtime.setup_compile_cache(cache_dir)
     config = importlib.import_module(module).get_config()
     if batch:
         config.training.batch_size = batch
+    if n_jitted:
+        config.training.n_jitted_steps = n_jitted
     step, state, data, _ = jax_train.build(config)
     state, loss = step(state, data)
     jax.block_until_ready(loss)
@@ -50,11 +52,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--cifar_batch", type=int, default=8)
+    p.add_argument("--n_jitted", type=int, default=0,
+                   help="override training.n_jitted_steps (0: the config's)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        module, batch, cache_dir = args.child.split(":", 2)
-        child(module, int(batch), cache_dir)
+        module, batch, n_jitted, cache_dir = args.child.split(":", 3)
+        child(module, int(batch), int(n_jitted), cache_dir)
         return
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -64,9 +68,9 @@ def main():
         for label, cache in (("cold cache", cache_dir), ("warm cache", cache_dir),
                              ("cache off", "")):
             t0 = time.time()
-            out = subprocess.run([sys.executable, __file__,
-                                  f"--child={CASES[case]}:{batch}:{cache}"], cwd=ROOT, env=env,
-                                 capture_output=True, text=True)
+            spec = f"{CASES[case]}:{batch}:{args.n_jitted}:{cache}"
+            out = subprocess.run([sys.executable, __file__, f"--child={spec}"], cwd=ROOT,
+                                 env=env, capture_output=True, text=True)
             seconds = time.time() - t0
             lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not lines:
