@@ -81,7 +81,8 @@ def _jax_runners(args, modes):
             holder["state"], loss = step(holder["state"], batch)
             jax.block_until_ready(loss)
         runners["train"] = train
-    params = holder["state"].params_ema
+    # A copy: the train runner donates the state, and with it the state's buffers.
+    params = jax.tree_util.tree_map(jnp.copy, state.params_ema)
     size, ch = config.data.image_size, config.data.num_channels
     if "forward" in modes:
         x = jnp.asarray(np.random.RandomState(0).rand(args.batch, size, size, ch), jnp.float32)
