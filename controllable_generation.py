@@ -1,10 +1,11 @@
 """Inverse problems with an unconditional score model (Song et al. 2021, Sec. 5, App. I).
 
-Inpainting and colorization are PC sampling in which, after every corrector and predictor
-update, the known part of the sample is replaced by a fresh forward perturbation of the
-observation (App. I.2): inpainting in pixel space with a mask, colorization in an orthonormal
-colour basis whose first channel is the gray direction. Class-conditional sampling adds the
-gradient of a noise-conditional classifier's log-probability to the score (Eq. 14, App. I.1).
+Inpainting and colorization are the PC sampler of `sampling.pc_loop` with a projection: after
+every corrector and predictor update the known part of the sample is replaced by a fresh forward
+perturbation of the observation (App. I.2); inpainting works in pixel space with a mask,
+colorization in an orthonormal colour basis whose first channel is the gray direction.
+Class-conditional sampling adds the gradient of a noise-conditional classifier's
+log-probability to the score (Eq. 14, App. I.1).
 
 Like `sampling`, everything takes the score function as an argument and compiles one program
 per score function object. Images are [B, H, W, C]; masks are 1 where the pixel is known.
@@ -25,6 +26,10 @@ from sde_lib import batch_mul
 # Orthonormal colour basis: columns gray (1, 1, 1)/sqrt 3, then two chroma directions.
 _COLOR_BASIS = np.stack([np.ones(3) / np.sqrt(3), np.array([-2.0, 1.0, 1.0]) / np.sqrt(6),
                          np.array([0.0, 1.0, -1.0]) / np.sqrt(2)], axis=1).astype(np.float32)
+# Per-channel mean and std of CIFAR-10's training images: the input normalisation of the
+# reference's noise-conditional classifier (yang-song/score_sde, models/utils.get_logit_fn).
+CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
+CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
 
 
 def decouple(x):
@@ -37,31 +42,15 @@ def couple(y):
     return jnp.einsum("...j,ij->...i", y, _COLOR_BASIS)
 
 
-def _parts(sde, predictor, corrector, snr, n_steps, probability_flow):
-    predictor_cls = sampling._resolve(predictor, sampling.get_predictor, sampling.Predictor,
-                                      "predictor")
-    corrector_cls = sampling._resolve(corrector, sampling.get_corrector, sampling.Corrector,
-                                      "corrector")
-    # Fail on invalid combinations before compiling (as get_pc_sampler does).
-    predictor_cls(sde, sampling._unusable_score_fn, probability_flow)
-    corrector_cls(sde, sampling._unusable_score_fn, snr, n_steps)
-    return predictor_cls, corrector_cls
-
-
-def _get_replacement_sampler(sde, predictor, corrector, inverse_scaler, snr, n_steps,
-                             probability_flow, denoise, eps, to_basis, from_basis):
-    """PC sampling where the known coordinates (in the basis `to_basis`) are re-imposed after
-    every update. Returns sample(rng, score_fn, data, mask): data and mask are given in that
-    basis, mask is 1 where known."""
-    predictor_cls, corrector_cls = _parts(sde, predictor, corrector, snr, n_steps,
-                                          probability_flow)
+def _replacement_sampler(sde, predictor, corrector, inverse_scaler, snr, n_steps,
+                         probability_flow, denoise, eps, to_basis, from_basis):
+    """PC sampling in which the known coordinates (in the basis `to_basis`) are re-imposed after
+    every update. Returns a jitted sample(rng, score_fn, data, mask): data and mask are given in
+    that basis, mask is 1 where known."""
+    parts = sampling.get_pc_parts(sde, predictor, corrector, snr, n_steps, probability_flow)
 
     def sample(rng, score_fn, data, mask):
-        predictor_obj = predictor_cls(sde, score_fn, probability_flow)
-        corrector_obj = corrector_cls(sde, score_fn, snr, n_steps)
-        batch = data.shape[0]
-
-        def impose(rng, x, x_mean, t):
+        def project(rng, x, x_mean, t):
             # Known coordinates <- a fresh sample of p_t(. | data) (App. I.2).
             mean, std = sde.marginal_prob(data, t)
             noisy = mean + batch_mul(std, jax.random.normal(rng, data.shape, data.dtype))
@@ -72,20 +61,8 @@ def _get_replacement_sampler(sde, predictor, corrector, inverse_scaler, snr, n_s
         rng, prior_rng = jax.random.split(rng)
         prior = to_basis(sde.prior_sampling(prior_rng, data.shape))
         x = from_basis(data * mask + prior * (1 - mask))
-        timesteps = jnp.linspace(sde.T, eps, sde.N)
-
-        def step(i, carry):
-            x, _ = carry
-            t = jnp.full((batch,), timesteps[i], x.dtype)
-            keys = jax.random.split(jax.random.fold_in(rng, i), 4)
-            # Corrector, then re-impose the observation.
-            x, x_mean = corrector_obj.update_fn(keys[0], x, t)
-            x, x_mean = impose(keys[1], x, x_mean, t)
-            # Predictor, then re-impose the observation.
-            x, x_mean = predictor_obj.update_fn(keys[2], x, t)
-            return impose(keys[3], x, x_mean, t)
-
-        x, x_mean = jax.lax.fori_loop(0, sde.N, step, (x, x))
+        x, x_mean = sampling.pc_loop(rng, x, sde, score_fn, *parts, snr, n_steps,
+                                     probability_flow, eps, project=project)
         return inverse_scaler(x_mean if denoise else x)
 
     return jax.jit(sample, static_argnums=1)
@@ -97,10 +74,10 @@ def get_pc_inpainter(sde: sde_lib.SDE, predictor, corrector, inverse_scaler: Cal
     """Returns `inpainter(rng, score_fn, data, mask) -> samples`.
 
     data: [B, ...] in model space; mask: like data (or broadcastable), 1 where known.
+    predictor / corrector: registered names, classes, or None (meaning 'none').
     """
-    compiled = _get_replacement_sampler(sde, predictor, corrector, inverse_scaler, snr, n_steps,
-                                        probability_flow, denoise, eps, lambda x: x,
-                                        lambda y: y)
+    compiled = _replacement_sampler(sde, predictor, corrector, inverse_scaler, snr, n_steps,
+                                    probability_flow, denoise, eps, lambda x: x, lambda y: y)
 
     def inpainter(rng, score_fn, data, mask):
         data = jnp.asarray(data)
@@ -116,8 +93,8 @@ def get_pc_colorizer(sde: sde_lib.SDE, predictor, corrector, inverse_scaler: Cal
 
     gray_scale_img: [B, H, W, 3] in model space with equal channels (or [B, H, W, 1]).
     """
-    compiled = _get_replacement_sampler(sde, predictor, corrector, inverse_scaler, snr, n_steps,
-                                        probability_flow, denoise, eps, decouple, couple)
+    compiled = _replacement_sampler(sde, predictor, corrector, inverse_scaler, snr, n_steps,
+                                    probability_flow, denoise, eps, decouple, couple)
 
     def colorizer(rng, score_fn, gray_scale_img):
         gray = jnp.asarray(gray_scale_img)
@@ -128,33 +105,66 @@ def get_pc_colorizer(sde: sde_lib.SDE, predictor, corrector, inverse_scaler: Cal
     return colorizer
 
 
-def get_pc_conditional_sampler(sde: sde_lib.SDE, shape, predictor, corrector,
-                               inverse_scaler: Callable, snr: float, n_steps: int = 1,
-                               probability_flow: bool = False, denoise: bool = True,
-                               eps: float = 1e-5):
-    """Class-conditional PC sampler with classifier guidance.
+def get_logit_fn(classifier, classifier_params, image_mean=CIFAR10_MEAN, image_std=CIFAR10_STD):
+    """Returns `logit_fn(data [B, H, W, C], noise_scale [B]) -> logits [B, n_classes]`.
 
-    Returns `sampler(rng, score_fn, log_prob_fn, labels) -> samples` where
-    `log_prob_fn(x, t) -> [B, n_classes]` are a noise-conditional classifier's log-probabilities
-    of x at time t (wrap the network with its noise labels, e.g. sigma(t) for VE) and
-    labels [B] int. The sampler uses the conditional score
-    grad log p_t(x | y) = score_fn(x, t) + grad_x log p_t(y | x).
+    The classifier is a noise-conditional flax module applied as
+    `classifier.apply({'params': p}, x, noise_scale, train=False)` (the WRN of App. I.1). Its
+    inputs are normalised per channel by `image_mean` / `image_std` (CIFAR-10's, as in the
+    reference; None for no normalisation).
+    """
+
+    def logit_fn(data, noise_scale):
+        if image_mean is not None:
+            data = (data - jnp.asarray(image_mean)) / jnp.asarray(image_std)
+        return classifier.apply({"params": classifier_params}, data, noise_scale, train=False)
+
+    return logit_fn
+
+
+def get_classifier_grad_fn(logit_fn):
+    """Returns `grad_fn(data, noise_scale, labels [B] int) -> grad_x log p(labels | x)`."""
+
+    def grad_fn(data, noise_scale, labels):
+        def log_prob(x):
+            logp = jax.nn.log_softmax(logit_fn(x, noise_scale), axis=-1)
+            return jnp.sum(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+        return jax.grad(log_prob)(data)
+
+    return grad_fn
+
+
+def get_pc_conditional_sampler(sde: sde_lib.SDE, classifier, classifier_params, shape,
+                               predictor, corrector, inverse_scaler: Callable, snr: float,
+                               n_steps: int = 1, probability_flow: bool = False,
+                               denoise: bool = True, eps: float = 1e-5, scale: float = 1.0,
+                               image_mean=CIFAR10_MEAN, image_std=CIFAR10_STD):
+    """Class-conditional PC sampler with classifier guidance (Eq. 14, App. I.1).
+
+    The classifier (see `get_logit_fn`) sees x and the noise scale std(t) of the SDE's
+    perturbation kernel, as in the reference. The sampler follows the conditional score
+    score_fn(x, t) + scale * grad_x log p_t(y | x); `scale` 1 is the paper's.
+
+    Returns `sampler(rng, score_fn, labels [B] int) -> samples shaped `shape``.
     """
     shape = tuple(int(s) for s in shape)
     base = sampling.get_pc_sampler(sde, shape, predictor, corrector, inverse_scaler, snr,
                                    n_steps, probability_flow, denoise, eps)
 
-    def sample(rng, score_fn, log_prob_fn, labels):
+    def sample(rng, score_fn, params, labels):
+        grad_fn = get_classifier_grad_fn(get_logit_fn(classifier, params, image_mean, image_std))
+
         def conditional_score(x, t):
-            grad = jax.grad(lambda x: jnp.sum(jnp.take_along_axis(
-                log_prob_fn(x, t), labels[:, None], axis=1)))(x)
-            return score_fn(x, t) + grad
+            noise_scale = sde.marginal_prob(jnp.zeros_like(x), t)[1]
+            return score_fn(x, t) + scale * grad_fn(x, noise_scale, labels)
 
         return base(rng, conditional_score)[0]
 
-    compiled = jax.jit(sample, static_argnums=(1, 2))
+    # The classifier's parameters are an argument, not constants baked into the program.
+    compiled = jax.jit(sample, static_argnums=1)
 
-    def sampler(rng, score_fn, log_prob_fn, labels):
-        return compiled(rng, score_fn, log_prob_fn, jnp.asarray(labels, jnp.int32))
+    def sampler(rng, score_fn, labels):
+        return compiled(rng, score_fn, classifier_params, jnp.asarray(labels, jnp.int32))
 
     return sampler

@@ -1,6 +1,6 @@
 """Optimizer, score-matching objectives and the train / eval step.
 
-Objectives (REFERENCE.md "Losses"):
+Objectives (Song et al. 2021, Sec. 3.3 and App. C; yang-song/score_sde losses.py):
 - continuous denoising score matching (Eq. 7) with weighting lambda(t) = std(t)^2, or the
   likelihood weighting lambda(t) = g(t)^2 (Song et al. 2021b);
 - SMLD's discrete objective (VE) and DDPM's epsilon objective (VP), picked by the SDE's
@@ -52,12 +52,12 @@ def _reduce(x, reduce_mean: bool):
 
 
 def get_sde_loss_fn(sde: SDE, model, train: bool, reduce_mean: bool = True,
-                    continuous: bool = True, likelihood_weighting: bool = False,
+                    continuous: bool = True, likelihood_weighting: bool = True,
                     eps: float = 1e-5):
-    """Continuous-time denoising score matching, Eq. 7.
+    """Continuous-time denoising score matching, Eq. 7 (the reference's signature/defaults).
 
-    Without likelihood weighting the loss is ||std s(x_t, t) + z||^2 (lambda = std^2); with
-    it, ||s(x_t, t) + z / std||^2 g(t)^2.
+    With likelihood weighting (the default, as in the reference) the loss is
+    ||s(x_t, t) + z / std||^2 g(t)^2; without it, ||std s(x_t, t) + z||^2 (lambda = std^2).
     """
 
     def loss_fn(rng, params, states, batch):
@@ -82,7 +82,7 @@ def get_sde_loss_fn(sde: SDE, model, train: bool, reduce_mean: bool = True,
 def get_smld_loss_fn(vesde, model, train: bool, reduce_mean: bool = False):
     """SMLD / NCSN objective: sum_i sigma_i^2 ||s(x + sigma_i z, i) + z / sigma_i||^2."""
     # Label i indexes noise levels from sigma_max down to sigma_min, as the NCSN models do.
-    sigmas_desc = jnp.asarray(vesde.discrete_sigmas[::-1], jnp.float32)
+    sigmas_desc = vesde.discrete_sigmas[::-1]
 
     def loss_fn(rng, params, states, batch):
         model_fn = mutils.get_model_fn(model, params, states, train=train)
@@ -100,8 +100,7 @@ def get_smld_loss_fn(vesde, model, train: bool, reduce_mean: bool = False):
 
 def get_ddpm_loss_fn(vpsde, model, train: bool, reduce_mean: bool = True):
     """DDPM objective ||eps_theta(sqrt(abar_i) x + sqrt(1 - abar_i) eps, i) - eps||^2."""
-    sqrt_abar = jnp.asarray(vpsde.sqrt_alphas_cumprod, jnp.float32)
-    sqrt_1m_abar = jnp.asarray(vpsde.sqrt_1m_alphas_cumprod, jnp.float32)
+    sqrt_abar, sqrt_1m_abar = vpsde.sqrt_alphas_cumprod, vpsde.sqrt_1m_alphas_cumprod
 
     def loss_fn(rng, params, states, batch):
         model_fn = mutils.get_model_fn(model, params, states, train=train)
@@ -198,7 +197,7 @@ def init_train_state(rng, config, model=None, params=None, states=None):
     """
     init_rng, step_rng = jax.random.split(rng)
     if model is None:
-        model, params, states = mutils.init_model(init_rng, config)
+        model, states, params = mutils.init_model(init_rng, config)
     optimizer = get_optimizer(config)
     state = mutils.State(step=jnp.asarray(0, jnp.int32), params=params,
                          opt_state=optimizer.init(params), params_ema=params,

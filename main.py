@@ -1,27 +1,78 @@
-"""Entry point: `python main.py --mode=train|eval|fid_stats --config=CONFIG --workdir=DIR`.
+"""Entry point: `python main.py --mode=MODE --config=CONFIG --workdir=DIR`.
 
 Config values are overridden with `--config.a.b=value`; the config is locked, so a
 misspelled key stops the run at once. Several hosts: set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under a cluster that jax.distributed detects)
 and start the same command on every host.
+
+Bad input (flags, config files, config values, data, workdir) ends with one line `error: ...`
+and exit code 2; a run that cannot go on (damaged checkpoint, diverged loss, full disk) with one
+line and exit code 1; Ctrl-C stops at the next safe point with exit code 130.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections.config_flags import config_flags
+
+# Before TensorFlow is first imported: its C++ start-up lines are not the run's.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, samples, logs.")
-flags.DEFINE_enum("mode", None, ["train", "eval", "fid_stats"], "Running mode.")
+# The names of run_lib.MODES (listed here so that --help works without importing JAX).
+MODES = ["train", "eval", "fid_stats", "import", "export"]
+flags.DEFINE_enum("mode", None, MODES, "Running mode.")
 flags.DEFINE_string("eval_folder", "eval", "Folder (inside workdir) for evaluation outputs.")
 flags.mark_flags_as_required(["config", "workdir", "mode"])
 
+USAGE_EXIT, FAILURE_EXIT, INTERRUPT_EXIT = 2, 1, 130
+
+
+def _fail(message: str, code: int):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _config_error(e: BaseException) -> str:
+    """One line for the ways a config file or override fails to load."""
+    if isinstance(e, SyntaxError):
+        return f"syntax error in config file {e.filename}, line {e.lineno}: {e.msg}"
+    text = str(e.args[0]) if e.args else str(e)
+    text = text.strip("'\"").replace("\\n", "\n").replace("\\'", "'")
+    if "Did you mean" in text or isinstance(e, (AttributeError, KeyError)):
+        key, _, hint = text.partition("\n")
+        return f"unknown config key {key.strip(chr(39))!r}" + (f" ({hint.strip()})" if hint
+                                                                 else "")
+    if "Failed loading config file" in text:
+        attempted = [line.strip() for line in text.splitlines() if "Errno" in line]
+        return ("cannot load the config file given by --config: "
+                + (attempted[-1] if attempted else text.splitlines()[0]))
+    return " ".join(text.split())
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with one line and exit code 2 instead of a traceback."""
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config  # noqa: B018 (loads the config file and applies the overrides)
+    except flags.Error as e:
+        _fail(str(e), USAGE_EXIT)
+    except Exception as e:  # noqa: BLE001 (config files may raise anything)
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            if isinstance(cause, SyntaxError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        _fail(_config_error(cause if isinstance(cause, SyntaxError) else e), USAGE_EXIT)
+    return rest
+
 
 def _maybe_initialize_distributed():
-    import jax
+    import jax  # here for the same reason as run_lib below
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
@@ -32,24 +83,26 @@ def _maybe_initialize_distributed():
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        _fail(f"unexpected arguments: {argv[1:]}", USAGE_EXIT)
     _maybe_initialize_distributed()
+    # Imported here, not at the top: run_lib pulls in TensorFlow and JAX (seconds), and flag
+    # errors and --help should answer at once.
     import run_lib
 
-    config = FLAGS.config
-    logging.set_verbosity(logging.INFO)
+    # The project's INFO lines always show; other libraries' only with --verbosity=1.
+    verbose = FLAGS.verbosity >= 1
+    logging.set_verbosity(max(FLAGS.verbosity, logging.INFO))
+    run_lib.logs.install_filter(verbose=verbose)
     try:
-        if FLAGS.mode == "train":
-            run_lib.train(config, FLAGS.workdir)
-        elif FLAGS.mode == "eval":
-            run_lib.evaluate(config, FLAGS.workdir, FLAGS.eval_folder)
-        else:
-            run_lib.fid_stats(config, FLAGS.workdir)
-    except (run_lib.ConfigError, run_lib.CheckpointError, FileNotFoundError,
-            FloatingPointError) as e:
-        # Bad input or a diverged run: one clear message, no traceback.
-        raise SystemExit(f"error: {e}") from None
+        with run_lib.interrupt.graceful_sigint():
+            run_lib.MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir, FLAGS.eval_folder)
+    except run_lib.USAGE_ERRORS as e:
+        _fail(str(e), USAGE_EXIT)
+    except run_lib.RUN_ERRORS as e:
+        _fail(str(e), FAILURE_EXIT)
+    except (run_lib.Interrupted, KeyboardInterrupt) as e:
+        _fail(str(e) or "interrupted.", INTERRUPT_EXIT)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -13,21 +13,21 @@ into the program as constants:
     sampler = get_pc_sampler(sde, shape, 'reverse_diffusion', 'langevin', inverse_scaler, 0.16)
     sample = jax.jit(lambda rng, params: sampler(rng, make_score_fn(params))[0])
 
-The host-side `method='scipy_rk45'` ODE sampler (the paper's solver) cannot be traced.
+The ODE sampler with a host method (scipy's 'RK45', the paper's solver, and the other
+`scipy.integrate.solve_ivp` methods; see `ode`) cannot be traced.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from collections.abc import Callable, Sequence
 
-import diffrax
 import jax
 import jax.numpy as jnp
-import numpy as np
-import scipy.integrate
 
+import ode
 import sde_lib
 from sde_lib import batch_mul
 
@@ -227,12 +227,71 @@ def _unusable_score_fn(x, t):
 
 
 def _resolve(part, getter, base: type, kind: str) -> type:
+    if part is None:  # the reference's spelling of "no predictor" / "no corrector"
+        return getter("none")
     if isinstance(part, str):
         return getter(part)
     if isinstance(part, type) and issubclass(part, base):
         return part
-    raise ValueError(f"{kind} must be a registered name or a {base.__name__} subclass, "
+    raise ValueError(f"{kind} must be a registered name, a {base.__name__} subclass or None, "
                      f"got {part!r}.")
+
+
+def get_pc_parts(sde: sde_lib.SDE, predictor, corrector, snr: float, n_steps: int = 1,
+                 probability_flow: bool = False) -> tuple[type, type]:
+    """Resolves and validates a predictor-corrector pair: (predictor class, corrector class).
+
+    `predictor` and `corrector` are registered names, `Predictor` / `Corrector` subclasses, or
+    None (meaning 'none'). Invalid combinations (e.g. ancestral sampling of an SDE without an
+    ancestral update) fail here, before anything is compiled.
+    """
+    predictor_cls = _resolve(predictor, get_predictor, Predictor, "predictor")
+    corrector_cls = _resolve(corrector, get_corrector, Corrector, "corrector")
+    if int(n_steps) < 0:
+        raise ValueError(f"n_steps must be >= 0, got {n_steps}.")
+    predictor_cls(sde, _unusable_score_fn, probability_flow)
+    corrector_cls(sde, _unusable_score_fn, snr, n_steps)
+    return predictor_cls, corrector_cls
+
+
+def pc_nfe(sde: sde_lib.SDE, predictor_cls: type, corrector_cls: type, n_steps: int) -> int:
+    """Score evaluations of a PC run: N (n_steps c + p), c and p each 0 for 'none', else 1."""
+    return sde.N * (n_steps * corrector_cls.score_evals + predictor_cls.score_evals)
+
+
+def pc_loop(rng, x, sde: sde_lib.SDE, score_fn: ScoreFn, predictor_cls: type,
+            corrector_cls: type, snr: float, n_steps: int = 1, probability_flow: bool = False,
+            eps: float = 1e-3, project: Callable | None = None):
+    """Algorithm 1 from x(T) = x down to t = eps: the loop every PC sampler shares.
+
+    Args:
+      x: the starting sample [B, ...] at time T.
+      project: optional `project(rng, x, x_mean, t) -> (x, x_mean)` applied after every
+        corrector and every predictor update; inverse problems use it to re-impose what is
+        known (App. I.2).
+
+    Returns (x, x_mean) at eps: the last sample and its noise-free mean. Traceable; runs as one
+    `lax.fori_loop`.
+    """
+    predictor = predictor_cls(sde, score_fn, probability_flow)
+    corrector = corrector_cls(sde, score_fn, snr, n_steps)
+    timesteps = jnp.linspace(sde.T, eps, sde.N)
+
+    def step(i, carry):
+        x, _ = carry
+        t = jnp.full((x.shape[0],), timesteps[i], x.dtype)
+        corrector_rng, predictor_rng = jax.random.split(jax.random.fold_in(rng, i))
+        # Corrector first: MCMC towards p_t at the current time.
+        x, x_mean = corrector.update_fn(corrector_rng, x, t)
+        if project is not None:
+            x, x_mean = project(jax.random.fold_in(corrector_rng, 1), x, x_mean, t)
+        # Then the predictor: one reverse-time step towards the next time.
+        x, x_mean = predictor.update_fn(predictor_rng, x, t)
+        if project is not None:
+            x, x_mean = project(jax.random.fold_in(predictor_rng, 1), x, x_mean, t)
+        return x, x_mean
+
+    return jax.lax.fori_loop(0, sde.N, step, (x, x))
 
 
 def get_pc_sampler(sde: sde_lib.SDE, shape: Sequence[int], predictor, corrector,
@@ -243,7 +302,7 @@ def get_pc_sampler(sde: sde_lib.SDE, shape: Sequence[int], predictor, corrector,
     Args:
       sde: the forward SDE.
       shape: sample shape [B, ...].
-      predictor, corrector: registered names or `Predictor` / `Corrector` subclasses.
+      predictor, corrector: registered names, `Predictor` / `Corrector` subclasses, or None.
       inverse_scaler: maps model space back to data space (elementwise).
       snr: signal-to-noise ratio of the corrector.
       n_steps: corrector steps per noise level.
@@ -253,38 +312,18 @@ def get_pc_sampler(sde: sde_lib.SDE, shape: Sequence[int], predictor, corrector,
 
     Returns:
       `sampler(rng, score_fn) -> (samples shaped `shape`, nfe)` where nfe counts score
-      evaluations actually made: N (n_steps c + p), with c = 0 for corrector 'none' and
-      p = 0 for predictor 'none' (the reference reports N (n_steps + 1) regardless).
+      evaluations actually made (`pc_nfe`; the reference reports N (n_steps + 1) regardless).
     """
     shape = tuple(int(s) for s in shape)
-    predictor_cls = _resolve(predictor, get_predictor, Predictor, "predictor")
-    corrector_cls = _resolve(corrector, get_corrector, Corrector, "corrector")
-    if int(n_steps) < 0:
-        raise ValueError(f"n_steps must be >= 0, got {n_steps}.")
-    # Constructing the parts once here surfaces invalid combinations (e.g. ancestral sampling
-    # of an SDE without an ancestral update) before anything is compiled.
-    predictor_cls(sde, _unusable_score_fn, probability_flow)
-    corrector_cls(sde, _unusable_score_fn, snr, n_steps)
-    nfe = sde.N * (n_steps * corrector_cls.score_evals + predictor_cls.score_evals)
+    predictor_cls, corrector_cls = get_pc_parts(sde, predictor, corrector, snr, n_steps,
+                                                probability_flow)
+    nfe = pc_nfe(sde, predictor_cls, corrector_cls, n_steps)
 
     def sample(rng, score_fn):
-        predictor_obj = predictor_cls(sde, score_fn, probability_flow)
-        corrector_obj = corrector_cls(sde, score_fn, snr, n_steps)
         rng, prior_rng = jax.random.split(rng)
         x = sde.prior_sampling(prior_rng, shape)
-        timesteps = jnp.linspace(sde.T, eps, sde.N)
-
-        def step(i, carry):
-            x, _ = carry
-            t = jnp.full((shape[0],), timesteps[i], x.dtype)
-            corrector_rng, predictor_rng = jax.random.split(jax.random.fold_in(rng, i))
-            # Corrector first: MCMC towards p_t at the current time.
-            x, x_mean = corrector_obj.update_fn(corrector_rng, x, t)
-            # Then the predictor: one reverse-time step towards the next time.
-            x, x_mean = predictor_obj.update_fn(predictor_rng, x, t)
-            return x, x_mean
-
-        x, x_mean = jax.lax.fori_loop(0, sde.N, step, (x, x))
+        x, x_mean = pc_loop(rng, x, sde, score_fn, predictor_cls, corrector_cls, snr, n_steps,
+                            probability_flow, eps)
         return inverse_scaler(x_mean if denoise else x)
 
     # score_fn is a static argument: one compiled program per score function object. Under an
@@ -297,78 +336,31 @@ def get_pc_sampler(sde: sde_lib.SDE, shape: Sequence[int], predictor, corrector,
     return sampler
 
 
-# ODE solvers. Diffrax solvers run on device from a fixed first step of 1% of the interval
-# (the PID controller adapts it at once), so the NFE follows from the step count alone: one
-# evaluation for the FSAL initial derivative, then num_stages (minus one when the last stage
-# is reused) per attempted step, accepted or rejected. tests/test_sampling.py checks this
-# against a count of actual calls.
-_DIFFRAX_SOLVERS = {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5, "bosh3": diffrax.Bosh3}
-_SCIPY_METHODS = {"scipy_rk45": "RK45", "rk45": "RK45"}
-
-
-def check_ode_method(method: str) -> str:
-    key = method.lower()
-    if key not in _DIFFRAX_SOLVERS and key not in _SCIPY_METHODS:
-        raise ValueError(f"Unknown ODE method {method!r}; valid: "
-                         f"{sorted(_DIFFRAX_SOLVERS) + sorted(_SCIPY_METHODS)}.")
-    return key
-
-
-def _diffrax_nfe(solver, stats):
-    tableau = solver.tableau
-    per_step = tableau.num_stages - 1 if tableau.fsal else tableau.num_stages
-    return (1 if tableau.fsal else 0) + per_step * stats["num_steps"]
-
-
-def _diffrax_solve(drift, y0, t0, t1, method, rtol, atol, max_steps):
-    """Solves dy/dt = drift(t, y) from t0 to t1 on device; returns (y(t1), nfe)."""
-    solver = _DIFFRAX_SOLVERS[method]()
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda t, y, args: drift(t, y)), solver, t0=t0, t1=t1,
-        dt0=0.01 * (t1 - t0), y0=y0,
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
-    y1 = jax.tree_util.tree_map(lambda leaf: leaf[-1], sol.ys)
-    return y1, _diffrax_nfe(solver, sol.stats)
-
-
-def _reject_tracer(x, what: str):
-    if isinstance(x, jax.core.Tracer):
-        raise TypeError(f"{what} integrates on the host with scipy and cannot run under "
-                        "jax.jit; use method='dopri5' there.")
-
-
 def get_ode_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Callable,
                     denoise: bool = False, rtol: float = 1e-5, atol: float = 1e-5,
                     method: str = "dopri5", eps: float = 1e-3, max_steps: int = 16384):
-    """Probability-flow ODE sampler (Eq. 13), integrated from T to eps.
+    """Probability-flow ODE sampler (Eq. 13), integrated from T to eps by `ode.solve`.
 
     Args:
-      method: a diffrax adaptive solver run on device ('dopri5' default, 'tsit5', 'bosh3')
-        with a PID step-size controller, or 'scipy_rk45' (alias 'RK45'): the paper's host-side
-        scipy RK45 calling a jitted drift.
+      method: an `ode` method: on device 'dopri5' (default), 'tsit5', 'bosh3'; on the host the
+        scipy methods 'RK45' (the paper's and the reference's default), 'RK23', 'DOP853',
+        'Radau', 'BDF', 'LSODA'. Host methods cannot run under jax.jit.
       denoise: finish with one reverse-diffusion step at eps and return its mean (one more
         score evaluation).
-      max_steps: diffrax step budget; exceeding it raises an error.
+      max_steps: step budget of the device solvers; exceeding it raises an error.
 
     Returns:
       `sampler(rng, score_fn, z=None) -> (samples shaped `shape`, nfe)`. Starts from the latent
       `z` [shape] when given, else from the prior. `nfe` is the true number of score
-      evaluations (an int32 array for diffrax, an int for scipy).
+      evaluations (an int32 array on device, an int on the host).
     """
     shape = tuple(int(s) for s in shape)
-    method = check_ode_method(method)
+    method = ode.canonical_method(method)
 
+    @functools.lru_cache(maxsize=8)
     def drift_fn(score_fn):
         rsde = sde.reverse(score_fn, probability_flow=True)
-
-        def drift(t, x):
-            return rsde.sde(x, jnp.full((x.shape[0],), t, x.dtype))[0]
-
-        return drift
-
-    def start(rng, z):
-        return sde.prior_sampling(rng, shape) if z is None else jnp.asarray(z)
+        return lambda t, x, args: rsde.sde(x, jnp.full((x.shape[0],), t, x.dtype))[0]
 
     def finish(x, score_fn):
         if not denoise:
@@ -378,63 +370,68 @@ def get_ode_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Call
         _, x_mean = ReverseDiffusionPredictor(sde, score_fn).update_fn(jax.random.key(0), x, t)
         return inverse_scaler(x_mean)
 
-    if method in _DIFFRAX_SOLVERS:
-
-        def sample(rng, score_fn, z):
-            x, nfe = _diffrax_solve(drift_fn(score_fn), start(rng, z), sde.T, eps, method, rtol,
-                                    atol, max_steps)
-            return finish(x, score_fn), nfe + int(denoise)
-
-        compiled = jax.jit(sample, static_argnums=1)
+    if ode.is_host_method(method):
+        finish_jit = jax.jit(finish, static_argnums=1)
 
         def sampler(rng, score_fn: ScoreFn, z=None):
-            return compiled(rng, score_fn, z)
+            x = sde.prior_sampling(rng, shape) if z is None else jnp.asarray(z)
+            x, nfe = ode.solve(drift_fn(score_fn), x, sde.T, eps, method, rtol, atol)
+            return finish_jit(x, score_fn), nfe + int(denoise)
 
         return sampler
 
-    # Jitted drift and finishing step of the last score function, reused across calls.
-    cache = {}
+    def sample(rng, score_fn, z):
+        x = sde.prior_sampling(rng, shape) if z is None else jnp.asarray(z)
+        x, nfe = ode.solve(drift_fn(score_fn), x, sde.T, eps, method, rtol, atol, max_steps)
+        return finish(x, score_fn), nfe + int(denoise)
+
+    compiled = jax.jit(sample, static_argnums=1)
 
     def sampler(rng, score_fn: ScoreFn, z=None):
-        _reject_tracer(rng if z is None else z, "get_ode_sampler(method='scipy_rk45')")
-        x0 = start(rng, z)
-        if cache.get("score_fn") is not score_fn:
-            cache.update(score_fn=score_fn, drift=jax.jit(drift_fn(score_fn)),
-                         finish=jax.jit(lambda x: finish(x, score_fn)))
-        drift = cache["drift"]
-
-        def ode_func(t, y):
-            x = jnp.asarray(y.reshape(shape), x0.dtype)
-            return np.asarray(drift(t, x), np.float64).reshape(-1)
-
-        sol = scipy.integrate.solve_ivp(ode_func, (sde.T, eps), np.asarray(x0, np.float64).ravel(),
-                                        rtol=rtol, atol=atol, method=_SCIPY_METHODS[method])
-        x = jnp.asarray(sol.y[:, -1].reshape(shape), x0.dtype)
-        return cache["finish"](x), int(sol.nfev) + int(denoise)
+        return compiled(rng, score_fn, z)
 
     return sampler
 
 
-_SAMPLING_METHODS = ("pc", "ode")
+# Sampling methods by `config.sampling.method`: factories
+# `(config, sde, shape, inverse_scaler, eps) -> sampler(rng, score_fn) -> (samples, nfe)`.
+_SAMPLERS: dict[str, Callable] = {}
+
+
+def register_sampler(fn=None, *, name: str | None = None):
+    """Function decorator adding a `config.sampling.method` (default name: the function's)."""
+    return _register(_SAMPLERS, "sampling method", fn, name=name)
+
+
+def get_sampler(name: str) -> Callable:
+    if name not in _SAMPLERS:
+        raise ValueError(f"Unknown sampling method {name!r}; valid names: {sorted(_SAMPLERS)}.")
+    return _SAMPLERS[name]
+
+
+@register_sampler(name="pc")
+def _pc_from_config(config, sde, shape, inverse_scaler, eps):
+    cfg = config.sampling
+    return get_pc_sampler(sde, shape, cfg.predictor, cfg.corrector, inverse_scaler,
+                          snr=cfg.snr, n_steps=cfg.n_steps_each,
+                          probability_flow=cfg.probability_flow, denoise=cfg.noise_removal,
+                          eps=eps)
+
+
+@register_sampler(name="ode")
+def _ode_from_config(config, sde, shape, inverse_scaler, eps):
+    cfg = config.sampling
+    return get_ode_sampler(sde, shape, inverse_scaler, denoise=cfg.noise_removal,
+                           rtol=cfg.get("ode_rtol", 1e-5), atol=cfg.get("ode_atol", 1e-5),
+                           method=cfg.get("ode_method", "dopri5"), eps=eps)
 
 
 def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Callable,
                     eps: float):
-    """Builds the sampler named by `config.sampling.method` ('pc' or 'ode').
+    """Builds the sampler named by `config.sampling.method` (see `register_sampler`).
 
-    Reads config.sampling.{predictor, corrector, snr, n_steps_each, noise_removal,
-    probability_flow} and, when present, {ode_method, ode_rtol, ode_atol} (defaults 'dopri5',
-    1e-5, 1e-5).
+    'pc' reads config.sampling.{predictor, corrector, snr, n_steps_each, noise_removal,
+    probability_flow}; 'ode' reads {noise_removal, ode_method, ode_rtol, ode_atol}.
     """
-    cfg = config.sampling
-    method = cfg.method.lower()
-    if method == "pc":
-        return get_pc_sampler(sde, shape, cfg.predictor, cfg.corrector, inverse_scaler,
-                              snr=cfg.snr, n_steps=cfg.n_steps_each,
-                              probability_flow=cfg.probability_flow,
-                              denoise=cfg.noise_removal, eps=eps)
-    if method == "ode":
-        return get_ode_sampler(sde, shape, inverse_scaler, denoise=cfg.noise_removal,
-                               rtol=cfg.get("ode_rtol", 1e-5), atol=cfg.get("ode_atol", 1e-5),
-                               method=cfg.get("ode_method", "dopri5"), eps=eps)
-    raise ValueError(f"Unknown sampling method {cfg.method!r}; valid: {list(_SAMPLING_METHODS)}.")
+    return get_sampler(config.sampling.method.lower())(config, sde, tuple(shape), inverse_scaler,
+                                                       eps)

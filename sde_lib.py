@@ -33,6 +33,26 @@ def _sum_except_batch(x):
     return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
 
 
+def ve_discrete_sigmas(sigma_min: float, sigma_max: float, N: int) -> np.ndarray:
+    """SMLD's noise levels, geometric from sigma_min up to sigma_max: float64 [N].
+
+    The one definition of the VE ladder: `VESDE.discrete_sigmas` and the networks' noise
+    levels (`models.utils.get_sigmas`, which lists it from sigma_max down) both derive from it.
+    """
+    return np.exp(np.linspace(np.log(sigma_min), np.log(sigma_max), int(N), dtype=np.float64))
+
+
+def vp_discrete_betas(beta_min: float, beta_max: float, N: int) -> np.ndarray:
+    """DDPM's chain beta_i = linspace(beta_min / N, beta_max / N, N): float64 [N]."""
+    return np.linspace(beta_min / N, beta_max / N, int(N), dtype=np.float64)
+
+
+def _table(values) -> jax.Array:
+    # Computed in float64 for accuracy, stored as jnp float32 so that code written for the
+    # reference (`sde.discrete_sigmas[timestep]` with a traced index) works under jit.
+    return jnp.asarray(np.asarray(values, np.float64), jnp.float32)
+
+
 def _timestep(t, N, T):
     """Index i = int(t (N - 1) / T) of the discrete step that continuous time t falls on."""
     return (t * (N - 1) / T).astype(jnp.int32)
@@ -105,7 +125,7 @@ class SDE(abc.ABC):
     def has_ancestral_update(self) -> bool:
         return type(self).ancestral_update is not SDE.ancestral_update
 
-    # Score-model conventions (REFERENCE.md "Score-model label conventions"). The default
+    # Score-model conventions (as yang-song/score_sde models/utils.get_score_fn). The default
     # treats the network output as a noise prediction scaled by 1/std, which is valid for any
     # SDE with a Gaussian perturbation kernel.
 
@@ -188,12 +208,14 @@ class VPSDE(SDE):
         super().__init__(N)
         self.beta_0 = float(beta_min)
         self.beta_1 = float(beta_max)
-        # DDPM's discrete chain: beta_i = linspace(b0 / N, b1 / N, N).
-        self.discrete_betas = np.linspace(beta_min / N, beta_max / N, N, dtype=np.float64)
-        self.alphas = 1.0 - self.discrete_betas
-        self.alphas_cumprod = np.cumprod(self.alphas)
-        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
-        self.sqrt_1m_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        # DDPM's discrete chain; every table is [N] float32 (computed in float64).
+        betas = vp_discrete_betas(beta_min, beta_max, N)
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        self.discrete_betas = _table(betas)
+        self.alphas = _table(1.0 - betas)
+        self.alphas_cumprod = _table(alphas_cumprod)
+        self.sqrt_alphas_cumprod = _table(np.sqrt(alphas_cumprod))
+        self.sqrt_1m_alphas_cumprod = _table(np.sqrt(1.0 - alphas_cumprod))
 
     @property
     def T(self):
@@ -224,17 +246,16 @@ class VPSDE(SDE):
     def discretize(self, x, t):
         """DDPM: x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z_i."""
         i = _timestep(t, self.N, self.T)
-        beta = jnp.asarray(self.discrete_betas, jnp.float32)[i]
-        alpha = jnp.asarray(self.alphas, jnp.float32)[i]
+        beta, alpha = self.discrete_betas[i], self.alphas[i]
         f = batch_mul(jnp.sqrt(alpha), x) - x
         return f, jnp.sqrt(beta)
 
     def langevin_alpha(self, t):
-        return jnp.asarray(self.alphas, jnp.float32)[_timestep(t, self.N, self.T)]
+        return self.alphas[_timestep(t, self.N, self.T)]
 
     def ancestral_update(self, x, t, score):
         """DDPM ancestral step: x_mean = (x + beta_i s) / sqrt(1 - beta_i), std = sqrt(beta_i)."""
-        beta = jnp.asarray(self.discrete_betas, jnp.float32)[_timestep(t, self.N, self.T)]
+        beta = self.discrete_betas[_timestep(t, self.N, self.T)]
         x_mean = batch_mul(1.0 / jnp.sqrt(1.0 - beta), x + batch_mul(beta, score))
         return x_mean, jnp.sqrt(beta)
 
@@ -247,8 +268,7 @@ class VPSDE(SDE):
         if continuous:
             std = self.marginal_prob(jnp.zeros_like(output), t)[1]
         else:
-            table = jnp.asarray(self.sqrt_1m_alphas_cumprod, jnp.float32)
-            std = table[(t * (self.N - 1)).astype(jnp.int32)]
+            std = self.sqrt_1m_alphas_cumprod[(t * (self.N - 1)).astype(jnp.int32)]
         return batch_mul(-1.0 / std, output)
 
 
@@ -260,9 +280,10 @@ class subVPSDE(SDE):
         self.beta_0 = float(beta_min)
         self.beta_1 = float(beta_max)
         # The reference's Langevin corrector reads `alphas` for sub-VP too but never defined
-        # them; we use the VP chain's alphas, which share the drift.
-        self.discrete_betas = np.linspace(beta_min / N, beta_max / N, N, dtype=np.float64)
-        self.alphas = 1.0 - self.discrete_betas
+        # them; we use the VP chain's alphas, which share the drift. [N] float32.
+        betas = vp_discrete_betas(beta_min, beta_max, N)
+        self.discrete_betas = _table(betas)
+        self.alphas = _table(1.0 - betas)
 
     @property
     def T(self):
@@ -292,7 +313,17 @@ class subVPSDE(SDE):
         return _standard_normal_logp(z)
 
     def langevin_alpha(self, t):
-        return jnp.asarray(self.alphas, jnp.float32)[_timestep(t, self.N, self.T)]
+        return self.alphas[_timestep(t, self.N, self.T)]
+
+    # Sub-VP has no discrete chain of its own; like the reference's score wrapper
+    # (yang-song/score_sde models/utils.py, get_score_fn), it uses the continuous convention
+    # (labels 999 t, score = -output / std(t)) whatever `continuous` says.
+
+    def model_labels(self, t, continuous: bool = True):
+        return super().model_labels(t, continuous=True)
+
+    def output_to_score(self, output, t, continuous: bool = True):
+        return super().output_to_score(output, t, continuous=True)
 
 
 class VESDE(SDE):
@@ -304,8 +335,8 @@ class VESDE(SDE):
         super().__init__(N)
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
-        # SMLD's noise levels: geometric from sigma_min to sigma_max.
-        self.discrete_sigmas = np.exp(np.linspace(np.log(sigma_min), np.log(sigma_max), N))
+        # SMLD's noise levels, ascending: [N] float32.
+        self.discrete_sigmas = _table(ve_discrete_sigmas(sigma_min, sigma_max, N))
 
     @property
     def T(self):
@@ -336,7 +367,7 @@ class VESDE(SDE):
 
     def _adjacent_sigmas(self, t):
         i = _timestep(t, self.N, self.T)
-        sigmas = jnp.asarray(self.discrete_sigmas, jnp.float32)
+        sigmas = self.discrete_sigmas
         sigma = sigmas[i]
         adjacent = jnp.where(i == 0, jnp.zeros_like(sigma), sigmas[jnp.maximum(i - 1, 0)])
         return sigma, adjacent

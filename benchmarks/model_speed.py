@@ -56,7 +56,7 @@ def _time(fn, args, repeats):
 
 def benchmark(name: str, batch: int, repeats: int) -> None:
     config = importlib.import_module("configs." + name.replace("/", ".")).get_config()
-    model = utils.get_model(config.model.name)(config=config)
+    model = utils.create_model(config)
     size, channels = config.data.image_size, config.data.num_channels
     x = jax.random.uniform(jax.random.PRNGKey(1), (batch, size, size, channels))
     t = _labels(config, batch)

@@ -103,7 +103,7 @@ def run_case(module, batch, n_jitted, steps, precision="float32"):
     mesh = run_lib.make_mesh()
     state = run_lib.init_state(config, jax.random.PRNGKey(0), NamedSharding(mesh, P()))
     sde = sde_lib.get_sde(config)
-    model = mutils.get_model(config.model.name)(config=config)
+    model = mutils.create_model(config)
     train_step, _ = run_lib.build_step_fns(config, sde, model, losses.get_optimizer(config),
                                            mesh)
     size, channels = config.data.image_size, config.data.num_channels

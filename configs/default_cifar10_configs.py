@@ -30,7 +30,6 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.n_jitted_steps = 5  # optimizer steps fused in one jitted lax.scan call
     training.reduce_mean = False  # loss: mean over pixels if True, else 0.5 * sum
     training.max_ckpts_to_keep = 0  # 0 keeps every snapshot
-    training.log_progress = True  # steps/s and ETA in the log
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"  # 'pc' | 'ode'
@@ -60,7 +59,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.fast_fid = False
     evaluate.fast_fid_num_samples = 1000
     evaluate.num_bpd_batches = 0  # bits/dim on this many batches per pass; 0 = all
-    evaluate.ckpt_wait_secs = 86400  # how long to wait for a checkpoint not yet written
+    # How long to wait for a checkpoint not written yet; -1: up to 24 h while a training run is
+    # writing to the workdir, not at all otherwise.
+    evaluate.ckpt_wait_secs = -1
     evaluate.stats_dir = "assets/stats"  # dataset Inception statistics (--mode=fid_stats)
     evaluate.show_progress = True  # progress bars on long sampling / evaluation loops
 
@@ -72,6 +73,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     data.centered = False  # True: scale data to [-1, 1] instead of [0, 1]
     data.uniform_dequantization = False
     data.data_dir = ""  # local IDX/TFRecord directory or tfds data_dir; '' = tfds default
+    data.download = False  # let tfds download and prepare a missing data set (needs internet)
     data.tfrecords_path = ""  # FFHQ / CelebA-HQ TFRecord file
     data.category = ""  # LSUN category, e.g. 'bedroom' or 'church_outdoor'
 
@@ -79,10 +81,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
     model.name = "ncsnpp"
     model.sigma_min = 0.01
     model.sigma_max = 50.0
-    model.num_scales = 1000  # N: discretization steps of the SDE / noise levels
+    model.num_scales = 1000  # N: SDE discretization steps; NCSN(v2): one class per level
     model.beta_min = 0.1
     model.beta_max = 20.0
-    model.num_classes = 1000  # NCSN conditioning classes; NCSN configs set it to num_scales
     model.dropout = 0.1
     model.embedding_type = "fourier"  # 'fourier' | 'positional'
     model.fourier_scale = 16
@@ -103,9 +104,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     model.progressive = "none"  # 'none' | 'output_skip' | 'residual'
     model.progressive_input = "residual"  # 'none' | 'input_skip' | 'residual'
     model.progressive_combine = "sum"  # 'sum' | 'cat'
-    model.attention_type = "ddpm"
     model.init_scale = 0.0
-    model.conv_size = 3
     model.interpolation = "bilinear"  # NCSN / NCSNv2 upsampling
 
     config.optim = optim = ml_collections.ConfigDict()
@@ -113,10 +112,17 @@ def get_default_configs() -> ml_collections.ConfigDict:
     optim.lr = 2e-4
     optim.beta1 = 0.9
     optim.eps = 1e-8
-    optim.amsgrad = False
     optim.weight_decay = 0.0
     optim.warmup = 5000  # linear learning-rate warmup steps
     optim.grad_clip = 1.0  # global-norm clipping; negative disables it
+
+    # Released checkpoints (main.py --mode=import / export; see docs/pretrained.md).
+    config.pretrained = pretrained = ml_collections.ConfigDict()
+    pretrained.path = ""  # score_sde checkpoint_<k>, score_sde_pytorch .pth or diffusers folder
+    # import: the checkpoint_<k> to write (0: k from the source's step); export: the one to
+    # read (0: the newest).
+    pretrained.ckpt = 0
+    pretrained.out = ""  # export: the diffusers folder to write ('' = <workdir>/diffusers)
 
     config.seed = 42
     return config

@@ -9,26 +9,19 @@ schedule is the CIFAR-10 one. Set data.dataset = 'MNIST' (and data.data_dir) for
 Same key set as every other default.
 """
 
+from configs import presets
 from configs.default_cifar10_configs import get_default_configs as _cifar10_defaults
 
 
 def get_default_configs():
     # The CIFAR-10 default holds the full key set; this dataset overrides what differs.
     config = _cifar10_defaults()
+    presets.sde(config, "vpsde", continuous=True)
+    presets.ddpmpp(config)
 
-    training = config.training
-    training.reduce_mean = True
-    training.sde = "vpsde"
-
-    sampling = config.sampling
-    sampling.corrector = "none"
-    sampling.predictor = "euler_maruyama"
-
-    evaluate = config.eval
-    evaluate.begin_ckpt = 1
+    config.eval.begin_ckpt = 1
 
     data = config.data
-    data.centered = True
     # local IDX files from the Debian package dataset-fashion-mnist
     data.data_dir = "/usr/share/datasets/fashion-mnist"
     data.dataset = "FashionMNIST"
@@ -39,12 +32,7 @@ def get_default_configs():
     model = config.model
     model.attn_resolutions = (7,)
     model.ch_mult = (1, 2, 2)
-    model.ema_rate = 0.9999
-    model.embedding_type = "positional"
-    model.fir = False
     model.nf = 64
     model.num_res_blocks = 2
-    model.progressive_input = "none"
-    model.scale_by_sigma = False
 
     return config

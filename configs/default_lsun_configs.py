@@ -5,7 +5,9 @@ values are the 256 px VE NCSN++ (continuous) setup, as in
 python main.py --mode=train --config=configs/ve/bedroom_ncsnpp_continuous.py \
 --workdir=workdir/ve_bedroom_ncsnpp_continuous
 (65,574,549 parameters in the reference). The 1024 px configs also start here, as the
-reference's 256 px FFHQ / CelebA-HQ configs do. Same key set as every other default.
+reference's 256 px FFHQ / CelebA-HQ configs do; so "lsun" in a config name
+(ve/lsun_ncsnpp_continuous.py, vp/ddpm/lsun.py) means this family. Same key set as every
+other default.
 """
 
 from configs.default_cifar10_configs import get_default_configs as _cifar10_defaults
@@ -18,7 +20,6 @@ def get_default_configs():
     training = config.training
     training.batch_size = 64
     training.n_iters = 2400001
-    training.n_jitted_steps = 1
     training.snapshot_freq_for_preemption = 5000
 
     sampling = config.sampling
@@ -37,7 +38,6 @@ def get_default_configs():
     model = config.model
     model.ch_mult = (1, 1, 2, 2, 2, 2, 2)
     model.dropout = 0.0
-    model.num_classes = 2000
     model.num_res_blocks = 2
     model.num_scales = 2000
     model.progressive = "output_skip"

@@ -31,9 +31,9 @@ def default_init(scale: float = 1.0):
     return nn.initializers.variance_scaling(_nonzero(scale), "fan_avg", "uniform")
 
 
-def get_act(config):
-    """The activation named by `config.model.nonlinearity` (elu, relu, lrelu, swish)."""
-    name = config.model.nonlinearity.lower()
+def get_act(nonlinearity: str):
+    """The activation function named `nonlinearity` (elu, relu, lrelu, swish)."""
+    name = nonlinearity.lower()
     acts = {
         "elu": nn.elu,
         "relu": nn.relu,

@@ -1,17 +1,9 @@
-"""NCSN++ and DDPM++ (Song et al. 2021, App. H): one U-Net, configured by `config.model`.
+"""NCSN++ and DDPM++ (Song et al. 2021, App. H): one U-Net with typed options.
 
 DDPM++ is this network with resblock_type='biggan', fir=False, positional embeddings and no
 progressive growing; NCSN++ adds FIR resampling, Fourier features of log sigma and a
-residual input pyramid. Options (all in `config.model`):
-
-  nf, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv, conditional,
-  fir, fir_kernel, skip_rescale, init_scale, nonlinearity,
-  resblock_type: 'ddpm' | 'biggan'
-  progressive: 'none' | 'output_skip' | 'residual'        (output pyramid)
-  progressive_input: 'none' | 'input_skip' | 'residual'   (input pyramid)
-  progressive_combine: 'sum' | 'cat'                      (how input_skip merges)
-  embedding_type: 'fourier' (labels are sigmas, embeds log sigma) | 'positional'
-  fourier_scale, scale_by_sigma (divide the output by sigma; needs sigma labels or indices)
+residual input pyramid. `models.utils.create_model` fills the fields from a config's
+`model` section (and `data.centered`, and the VE noise levels `sigmas`).
 """
 
 from __future__ import annotations
@@ -22,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models import layers, layerspp
-from models.utils import get_sigmas, register_model
+from models.utils import register_model
 
 _CHOICES = {
     "resblock_type": ("ddpm", "biggan"),
@@ -33,67 +25,103 @@ _CHOICES = {
 }
 
 
-def _check_options(config):
-    for key, valid in _CHOICES.items():
-        value = str(config.model[key]).lower()
-        if value not in valid:
-            raise ValueError(f"config.model.{key}={value!r} is not valid; choose from "
-                             f"{list(valid)}.")
-    size, levels = config.data.image_size, len(config.model.ch_mult)
-    if size % (2 ** (levels - 1)) != 0:
-        raise ValueError(f"image_size {size} is not divisible by 2^(len(ch_mult) - 1) = "
-                         f"{2 ** (levels - 1)}.")
-
-
 @register_model(name="ncsnpp")
 class NCSNpp(nn.Module):
-    """NCSN++ / DDPM++ score network.
+    """NCSN++ / DDPM++ score network; the defaults are the paper's CIFAR-10 NCSN++ (VE).
 
     __call__(x [B, H, W, C], time_cond [B], train) -> [B, H, W, C]. `time_cond` holds noise
-    levels sigma for the Fourier embedding, timestep labels for the positional one.
+    levels sigma for the Fourier embedding, timestep labels for the positional one (with
+    scale_by_sigma, integer indices into `sigmas`).
+
+    Fields:
+      nf, ch_mult, num_res_blocks: base width, width multiplier per resolution, residual
+        blocks per resolution.
+      attn_resolutions: feature-map sizes (pixels) that get self-attention.
+      dropout, resamp_with_conv, conditional (use the noise embedding), nonlinearity.
+      fir, fir_kernel: FIR up/down-sampling and its 1D kernel.
+      skip_rescale, init_scale: 1/sqrt(2) on residual sums; scale of the last convs' init.
+      resblock_type: 'ddpm' | 'biggan'.
+      progressive: 'none' | 'output_skip' | 'residual' (output pyramid).
+      progressive_input: 'none' | 'input_skip' | 'residual' (input pyramid).
+      progressive_combine: 'sum' | 'cat' (how input_skip merges).
+      embedding_type: 'fourier' (labels are sigmas; embeds log sigma) | 'positional'.
+      fourier_scale: std of the random Fourier frequencies.
+      scale_by_sigma: divide the output by sigma (the label itself for 'fourier', sigmas[label]
+        for 'positional').
+      centered: inputs already in [-1, 1]; otherwise [0, 1] inputs are mapped to [-1, 1].
+      sigmas: the VE noise levels from sigma_max down [num_scales]; needed only for
+        scale_by_sigma with positional embeddings.
     """
 
-    config: object
+    nf: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 4
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    conditional: bool = True
+    fir: bool = True
+    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    skip_rescale: bool = True
+    init_scale: float = 0.0
+    nonlinearity: str = "swish"
+    resblock_type: str = "biggan"
+    progressive: str = "none"
+    progressive_input: str = "residual"
+    progressive_combine: str = "sum"
+    embedding_type: str = "fourier"
+    fourier_scale: float = 16.0
+    scale_by_sigma: bool = True
+    centered: bool = False
+    sigmas: tuple[float, ...] | None = None
+
+    def _check_options(self, x):
+        for key, valid in _CHOICES.items():
+            value = str(getattr(self, key)).lower()
+            if value not in valid:
+                raise ValueError(f"NCSNpp {key}={value!r} is not valid; choose from "
+                                 f"{list(valid)}.")
+        size, levels = x.shape[1], len(self.ch_mult)
+        if size % (2 ** (levels - 1)) != 0:
+            raise ValueError(f"image_size {size} is not divisible by 2^(len(ch_mult) - 1) = "
+                             f"{2 ** (levels - 1)}.")
 
     @nn.compact
     def __call__(self, x, time_cond, train: bool = True):
-        config = self.config
-        _check_options(config)
-        m = config.model
-        act = layers.get_act(config)
-        nf = m.nf
-        ch_mult = tuple(m.ch_mult)
-        num_res_blocks = m.num_res_blocks
-        attn_resolutions = tuple(m.attn_resolutions)
+        self._check_options(x)
+        act = layers.get_act(self.nonlinearity)
+        nf = self.nf
+        ch_mult = tuple(self.ch_mult)
+        num_res_blocks = self.num_res_blocks
+        attn_resolutions = tuple(self.attn_resolutions)
         num_resolutions = len(ch_mult)
-        fir, fir_kernel = m.fir, tuple(m.fir_kernel)
-        skip_rescale = m.skip_rescale
-        init_scale = m.init_scale
-        resblock_type = m.resblock_type.lower()
-        progressive = m.progressive.lower()
-        progressive_input = m.progressive_input.lower()
-        embedding_type = m.embedding_type.lower()
-        combine_method = m.progressive_combine.lower()
+        fir, fir_kernel = self.fir, tuple(self.fir_kernel)
+        skip_rescale = self.skip_rescale
+        init_scale = self.init_scale
+        resblock_type = self.resblock_type.lower()
+        progressive = self.progressive.lower()
+        progressive_input = self.progressive_input.lower()
+        embedding_type = self.embedding_type.lower()
+        combine_method = self.progressive_combine.lower()
         channels = x.shape[-1]
 
         # Noise-level embedding.
         if embedding_type == "fourier":
-            if "training" in config and not config.training.get("continuous", True):
-                raise ValueError("Fourier embeddings take noise levels sigma as labels; they "
-                                 "are only used with continuous training "
-                                 "(config.training.continuous=True).")
             used_sigmas = time_cond
             temb = layerspp.GaussianFourierProjection(
-                embedding_size=nf, scale=m.fourier_scale)(jnp.log(used_sigmas))
+                embedding_size=nf, scale=self.fourier_scale)(jnp.log(used_sigmas))
         else:
             temb = layers.get_timestep_embedding(time_cond, nf)
             used_sigmas = None
-            if m.scale_by_sigma:
+            if self.scale_by_sigma:
+                if self.sigmas is None:
+                    raise ValueError("NCSNpp with scale_by_sigma and positional embeddings "
+                                     "needs the VE noise levels `sigmas`; got None.")
                 # Positional labels are indices into the discrete VE noise levels.
-                sigmas = jnp.asarray(get_sigmas(config), jnp.float32)
+                sigmas = jnp.asarray(self.sigmas, jnp.float32)
                 used_sigmas = sigmas[time_cond.astype(jnp.int32)]
 
-        if m.conditional:
+        if self.conditional:
             temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(temb)
             temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(act(temb))
         else:
@@ -101,9 +129,9 @@ class NCSNpp(nn.Module):
 
         AttnBlock = functools.partial(layerspp.AttnBlockpp, init_scale=init_scale,
                                       skip_rescale=skip_rescale)
-        Upsample = functools.partial(layerspp.Upsample, with_conv=m.resamp_with_conv, fir=fir,
+        Upsample = functools.partial(layerspp.Upsample, with_conv=self.resamp_with_conv, fir=fir,
                                      fir_kernel=fir_kernel)
-        Downsample = functools.partial(layerspp.Downsample, with_conv=m.resamp_with_conv,
+        Downsample = functools.partial(layerspp.Downsample, with_conv=self.resamp_with_conv,
                                        fir=fir, fir_kernel=fir_kernel)
         # output_skip pyramids resample images (no conv); residual pyramids resample features.
         pyramid_upsample = functools.partial(layerspp.Upsample, fir=fir, fir_kernel=fir_kernel,
@@ -113,14 +141,14 @@ class NCSNpp(nn.Module):
                                                with_conv=progressive_input == "residual")
         if resblock_type == "ddpm":
             ResnetBlock = functools.partial(layerspp.ResnetBlockDDPMpp, act=act,
-                                            dropout=m.dropout, init_scale=init_scale,
+                                            dropout=self.dropout, init_scale=init_scale,
                                             skip_rescale=skip_rescale)
         else:
             ResnetBlock = functools.partial(layerspp.ResnetBlockBigGANpp, act=act,
-                                            dropout=m.dropout, fir=fir, fir_kernel=fir_kernel,
+                                            dropout=self.dropout, fir=fir, fir_kernel=fir_kernel,
                                             init_scale=init_scale, skip_rescale=skip_rescale)
 
-        if not config.data.centered:
+        if not self.centered:
             # Data in [0, 1]: the network works on [-1, 1].
             x = 2 * x - 1.0
 
@@ -196,7 +224,7 @@ class NCSNpp(nn.Module):
             h = act(layerspp._group_norm(h))
             h = layers.ddpm_conv3x3(h, channels, init_scale=init_scale)
 
-        if m.scale_by_sigma:
+        if self.scale_by_sigma:
             if used_sigmas is None:
                 raise ValueError("scale_by_sigma needs noise levels (Fourier embedding) or VE "
                                  "indices (positional embedding).")

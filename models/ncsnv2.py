@@ -6,18 +6,19 @@ instead divides its output by the noise level sigma of each example (`scale_by_s
 using the geometric sigmas of `get_sigmas`.
 
 Both are applied as `model.apply(variables, x [B, H, W, C], labels [B], train)` and return
-[B, H, W, C]. `labels` are integer noise-level indices into `get_sigmas(config)` (index 0 is
-sigma_max): the discrete VE convention of the paper. Float labels are rounded.
+[B, H, W, C]. `labels` are integer noise-level indices into the VE noise levels listed from
+sigma_max down (`models.utils.get_sigmas`): the discrete VE convention of the paper. Float
+labels are rounded.
 
-Data in [0, 1] (config.data.centered False) are mapped to [-1, 1] first, as in the
-reference.
+Data in [0, 1] (centered=False) are mapped to [-1, 1] first, as in the reference.
+`models.utils.create_model` fills the fields from a config's `model` section (and
+`data.centered`, and the noise levels `sigmas`).
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
-import ml_collections
 
 from models.layers import (
     ConditionalResidualBlock,
@@ -28,7 +29,7 @@ from models.layers import (
     ncsn_conv3x3,
 )
 from models.normalization import get_normalization
-from models.utils import get_sigmas, register_model
+from models.utils import register_model
 
 
 def _label_index(labels):
@@ -51,12 +52,50 @@ _ARCHS = {
 }
 
 
-def _refinenet(config, arch: str, x, labels, conditional: bool):
+class _NCSNBase(nn.Module):
+    """Fields shared by the NCSN family.
+
+    nf: base width. num_scales: number of noise levels (NCSN's conditional normalizations
+      get one embedding row per level; labels lie in [0, num_scales)).
+    normalization: 'InstanceNorm++' (NCSN needs it: the conditional variant), 'InstanceNorm',
+      'VarianceNorm' or 'GroupNorm'. nonlinearity: 'elu', 'relu', 'lrelu' or 'swish'.
+    interpolation: upsampling in the RefineNet decoder ('bilinear' or 'nearest').
+    centered: inputs already in [-1, 1]. scale_by_sigma: divide the output by sigmas[label].
+    sigmas: the noise levels from sigma_max down [num_scales]; needed for scale_by_sigma.
+    """
+
+    num_scales: int
+    nf: int = 128
+    normalization: str = "InstanceNorm++"
+    nonlinearity: str = "elu"
+    interpolation: str = "bilinear"
+    centered: bool = False
+    scale_by_sigma: bool = True
+    sigmas: tuple[float, ...] | None = None
+
+    _arch = "ncsnv2_64"
+    _conditional = False
+
+    @nn.compact
+    def __call__(self, x, labels, train: bool = False):
+        """x [B, H, W, C], labels [B] noise-level indices -> [B, H, W, C]."""
+        del train  # No dropout or batch statistics in these networks.
+        if self.scale_by_sigma and (self.sigmas is None or len(self.sigmas) != self.num_scales):
+            got = None if self.sigmas is None else f"{len(self.sigmas)} levels"
+            raise ValueError(f"{type(self).__name__} with scale_by_sigma needs sigmas with "
+                             f"num_scales={self.num_scales} noise levels; got {got}.")
+        return _refinenet(self, x, labels)
+
+
+def _refinenet(net: _NCSNBase, x, labels):
     """Shared forward pass; must be called inside a compact __call__."""
-    nf = config.model.nf
-    act = get_act(config)
-    norm = get_normalization(config, conditional=conditional)
-    interpolation = config.model.get("interpolation", "bilinear")
+    nf = net.nf
+    act = get_act(net.nonlinearity)
+    conditional = net._conditional
+    norm = get_normalization(net.normalization, conditional=conditional,
+                             num_classes=net.num_scales)
+    interpolation = net.interpolation
+    arch = net._arch
     spec = _ARCHS[arch]
     y = _label_index(labels)
 
@@ -73,7 +112,7 @@ def _refinenet(config, arch: str, x, labels, conditional: bool):
             shape, c, act=act, interpolation=interpolation, start=start, end=end)(hs)
         normalize = lambda h: norm()(h)
 
-    h = x if config.data.centered else 2.0 * x - 1.0
+    h = x if net.centered else 2.0 * x - 1.0
     h = ncsn_conv3x3(h, nf, stride=1, bias=True)
 
     layers = []
@@ -93,29 +132,18 @@ def _refinenet(config, arch: str, x, labels, conditional: bool):
     h = act(normalize(ref))
     h = ncsn_conv3x3(h, x.shape[-1])
 
-    if config.model.scale_by_sigma:
-        sigmas = jnp.asarray(get_sigmas(config), dtype=h.dtype)
+    if net.scale_by_sigma:
+        sigmas = jnp.asarray(net.sigmas, dtype=h.dtype)
         h = h / sigmas[y][:, None, None, None]
     return h
-
-
-class _NCSNBase(nn.Module):
-    config: ml_collections.ConfigDict
-
-    _arch = "ncsnv2_64"
-    _conditional = False
-
-    @nn.compact
-    def __call__(self, x, labels, train: bool = False):
-        """x [B, H, W, C], labels [B] noise-level indices -> [B, H, W, C]."""
-        del train  # No dropout or batch statistics in these networks.
-        return _refinenet(self.config, self._arch, x, labels, self._conditional)
 
 
 @register_model(name="ncsn")
 class NCSN(_NCSNBase):
     """NCSN v1: noise-conditional RefineNet with conditional InstanceNorm++ (one table row
-    per noise level; config.model.num_classes, default num_scales)."""
+    per noise level, num_scales rows); the paper's NCSN does not scale by sigma."""
+
+    scale_by_sigma: bool = False
 
     _arch = "ncsn"
     _conditional = True

@@ -142,19 +142,20 @@ _UNCONDITIONAL = {
 _CONDITIONAL = ("InstanceNorm++",)
 
 
-def get_normalization(config, conditional: bool = False):
-    """The normalization factory named by `config.model.normalization`.
+def get_normalization(name: str, conditional: bool = False, num_classes: int | None = None):
+    """The normalization factory named `name` (e.g. 'InstanceNorm++', 'GroupNorm').
 
     Returns a zero-argument module factory: `norm()(x)` for unconditional layers and
-    `norm()(x, y)` for conditional ones. Conditional layers get one embedding row per
-    noise level: `config.model.num_classes` if set, else `config.model.num_scales`.
+    `norm()(x, y)` for conditional ones, which need `num_classes`, the number of embedding
+    rows (one per noise level).
     """
-    name = config.model.normalization
     if conditional:
         if name not in _CONDITIONAL:
             raise ValueError(f"Unknown conditional normalization {name!r}; valid names: "
                              f"{list(_CONDITIONAL)}.")
-        num_classes = config.model.get("num_classes", None) or config.model.num_scales
+        if num_classes is None or int(num_classes) < 1:
+            raise ValueError(f"Conditional normalization {name!r} needs num_classes >= 1 (one "
+                             f"embedding row per noise level), got {num_classes!r}.")
         return functools.partial(ConditionalInstanceNorm2dPlus, num_classes=int(num_classes))
     if name not in _UNCONDITIONAL:
         raise ValueError(f"Unknown normalization {name!r}; valid names: {sorted(_UNCONDITIONAL)}.")

@@ -1,19 +1,27 @@
-"""Model registry, initialization, the train State, and wrapping networks as score functions.
+"""Model registry, construction from a config, initialization, the train State, and wrapping
+networks as score functions.
 
-A score model is a flax.linen Module constructed as `Model(config=config)` and applied as
-`model.apply(variables, x [B, H, W, C], labels [B], train=bool)`. `get_score_fn` turns it
-into the `score_fn(x, t)` that samplers, losses and likelihoods consume, following the
-label conventions of the paper (they live on the SDE classes; see `sde_lib`).
+A score model is a flax.linen Module with typed fields (for example
+`NCSNpp(nf=128, ch_mult=(1, 2, 2, 2), ...)`) applied as
+`model.apply(variables, x [B, H, W, C], labels [B], train=bool)`. `create_model(config)` is the
+one place that reads a config for a network: it fills the registered module's fields by name.
+`get_score_fn` turns a network into the `score_fn(x, t)` that samplers, losses and likelihoods
+consume, following the label conventions of the paper (they live on the SDE classes; see
+`sde_lib`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import importlib
+from typing import Any, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import sde_lib
 
 _MODELS: dict[str, type] = {}
 
@@ -34,8 +42,6 @@ def register_model(cls=None, *, name: str | None = None):
 def _import_builtin_models():
     # Importing the model modules runs their @register_model decorators. Done lazily so that
     # importing this module stays cheap and free of import cycles.
-    import importlib
-
     for module in ("ncsnpp", "ddpm", "ncsnv2", "wideresnet_noise_conditional"):
         try:
             importlib.import_module(f"models.{module}")
@@ -60,11 +66,110 @@ def get_model(name: str):
 def get_sigmas(config) -> np.ndarray:
     """Noise levels of the discrete VE chain, geometric from sigma_max down to sigma_min.
 
-    Returns [num_scales]; index i = round((T - t)(N - 1)) is the VE discrete label, so
-    index 0 is sigma_max.
+    Returns float64 [num_scales]: `sde_lib.VESDE.discrete_sigmas` in descending order, so
+    index i = round((T - t)(N - 1)), the VE discrete label, gives sigma_max at i = 0.
     """
-    return np.exp(np.linspace(np.log(config.model.sigma_max), np.log(config.model.sigma_min),
-                              config.model.num_scales))
+    m = config.model
+    return sde_lib.ve_discrete_sigmas(m.sigma_min, m.sigma_max, m.num_scales)[::-1]
+
+
+# Config keys a model field is read from, in order, when it is not config.model.<field>.
+_FIELD_KEYS = {
+    "centered": ("data.centered",),
+    "image_size": ("data.image_size",),
+    "num_channels": ("data.num_channels",),
+    "num_outputs": ("model.num_outputs", "model.num_classes"),
+}
+
+# Fields computed from several config keys: name -> (keys, function of the config).
+_DERIVED_FIELDS = {
+    # The VE noise levels, descending (index = discrete VE label), for scale_by_sigma.
+    "sigmas": (("model.sigma_min", "model.sigma_max", "model.num_scales"),
+               lambda config: tuple(float(s) for s in get_sigmas(config))),
+}
+
+_MISSING = object()
+
+
+def _lookup(config, key: str):
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _hashable(value):
+    # Module fields must be hashable; ConfigDicts hold sequences as lists.
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+def _field_value(config, name: str):
+    """(value or _MISSING, the config keys tried) for the model field `name`."""
+    if name in _DERIVED_FIELDS:
+        keys, derive = _DERIVED_FIELDS[name]
+        found = all(_lookup(config, k) is not _MISSING for k in keys)
+        return (derive(config) if found else _MISSING), keys
+    keys = _FIELD_KEYS.get(name, (f"model.{name}",))
+    for key in keys:
+        value = _lookup(config, key)
+        if value is not _MISSING:
+            return _hashable(value), keys
+    return _MISSING, keys
+
+
+def model_kwargs(config) -> dict[str, Any]:
+    """The field values `create_model` passes to the model named by config.model.name.
+
+    Every init field of the registered module is read by name from config.model (a few from
+    config.data, see _FIELD_KEYS) or derived (`sigmas`, the VE noise levels); a field the
+    config does not give keeps its default, and a required one raises ValueError naming the
+    model, the field and the keys tried.
+    """
+    name = config.model.name
+    cls = get_model(name)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name in ("parent", "name") or not field.init:
+            continue  # flax's own fields; config.model.name is the registry name
+        value, keys = _field_value(config, field.name)
+        if value is not _MISSING:
+            kwargs[field.name] = value
+        elif field.default is dataclasses.MISSING and \
+                field.default_factory is dataclasses.MISSING:
+            raise ValueError(f"Model {name!r} ({cls.__name__}) needs field {field.name!r}, "
+                             f"but the config has none of {list(keys)}.")
+    _check_consistency(name, cls, kwargs, config)
+    return kwargs
+
+
+def _check_consistency(name: str, cls, kwargs: dict, config) -> None:
+    """Refuses config keys that would otherwise be silently ignored or contradicted."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    num_classes = _lookup(config, "model.num_classes")
+    # NCSN-style networks have one noise-level embedding row per level (num_scales); the
+    # reference's separate num_classes key would give labels >= num_classes NaN rows.
+    if ("num_scales" in fields and "num_classes" not in fields and
+            num_classes is not _MISSING and num_classes != kwargs.get("num_scales")):
+        raise ValueError(
+            f"Model {name!r} has one noise-level embedding per noise level, "
+            f"config.model.num_scales={kwargs.get('num_scales')}, but config.model.num_classes="
+            f"{num_classes} differs; remove num_classes or set it to num_scales.")
+    continuous = _lookup(config, "training.continuous")
+    if (str(kwargs.get("embedding_type", "")).lower() == "fourier" and
+            continuous is not _MISSING and not continuous):
+        raise ValueError(
+            f"Model {name!r} with embedding_type='fourier' takes noise levels sigma as labels, "
+            "which only continuous training gives it (config.training.continuous=False); use "
+            "embedding_type='positional' for discrete training.")
+
+
+def create_model(config):
+    """The flax Module named by config.model.name, its fields filled from the config."""
+    return get_model(config.model.name)(**model_kwargs(config))
 
 
 def _dummy_inputs(config, batch_size: int = 1):
@@ -73,13 +178,20 @@ def _dummy_inputs(config, batch_size: int = 1):
     return jnp.zeros(shape, jnp.float32), jnp.ones((batch_size,), jnp.float32)
 
 
-def init_model(rng, config):
-    """Creates the model named by `config.model.name` and initializes it.
+class InitializedModel(NamedTuple):
+    """init_model's result, in the reference's order."""
 
-    Returns (model, params, states): `states` holds every non-parameter variable collection
-    (for example batch statistics); it is an empty dict for most score models.
+    model: Any  # the flax Module
+    init_model_state: dict  # non-parameter collections (e.g. batch statistics); often {}
+    initial_params: Any  # the "params" collection
+
+
+def init_model(rng, config) -> InitializedModel:
+    """Creates the model of `config` (create_model) and initializes it.
+
+    Returns (model, init_model_state, initial_params), the reference's order.
     """
-    model = get_model(config.model.name)(config=config)
+    model = create_model(config)
     x, labels = _dummy_inputs(config)
     params_rng, dropout_rng = jax.random.split(rng)
     # Jitted: op-by-op initialization of a deep network dispatches thousands of small
@@ -88,12 +200,12 @@ def init_model(rng, config):
     variables = init({"params": params_rng, "dropout": dropout_rng}, x, labels)
     variables = flax.core.unfreeze(variables)
     params = variables.pop("params")
-    return model, params, variables
+    return InitializedModel(model, variables, params)
 
 
 def param_shapes(config):
     """Parameter shapes of the configured model without allocating them (jax.eval_shape)."""
-    model = get_model(config.model.name)(config=config)
+    model = create_model(config)
     x, labels = _dummy_inputs(config)
     variables = jax.eval_shape(
         lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},

@@ -7,7 +7,7 @@ log sigma that every residual block adds after its first convolution. With the d
 sizes it has 38,913,242 parameters, 128 of which (the Fourier frequencies) are fixed.
 
 Applied as `model.apply(variables, x [B, H, W, C], sigmas [B], train)` -> logits
-[B, num_classes]. The sum score(x, t) + grad_x log softmax(logits)[y] is the conditional
+[B, num_outputs]. The sum score(x, t) + grad_x log softmax(logits)[y] is the conditional
 score (see controllable_generation).
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from models.utils import register_model
@@ -139,20 +138,20 @@ class WideResnet(nn.Module):
 
 @register_model(name="wideresnet_noise_conditional")
 class WideResnetNoiseConditional(nn.Module):
-    """Registry adapter: WideResnet sized by the config.
+    """Registry entry: a WideResnet with the same fields, kept under the submodule name
+    'WideResnet' (so parameters are named WideResnet/...).
 
-    Reads config.model.blocks_per_group (default 4), config.model.channel_multiplier
-    (default 10) and config.model.num_classes (default 10): WRN-28-10 for CIFAR-10.
-    __call__(x [B, H, W, C], t_or_sigma [B], train) -> logits [B, num_classes]; the second
-    argument is the noise level sigma (positive).
+    `create_model` reads config.model.blocks_per_group, channel_multiplier and num_outputs
+    (or num_classes); the defaults give WRN-28-10 for CIFAR-10.
+    __call__(x [B, H, W, C], sigmas [B] > 0, train) -> logits [B, num_outputs].
     """
 
-    config: ml_collections.ConfigDict
+    blocks_per_group: int = 4
+    channel_multiplier: int = 10
+    num_outputs: int = 10
 
     @nn.compact
     def __call__(self, x, t_or_sigma, train: bool = False):
-        model_cfg = self.config.model
-        return WideResnet(blocks_per_group=model_cfg.get("blocks_per_group", 4),
-                          channel_multiplier=model_cfg.get("channel_multiplier", 10),
-                          num_outputs=model_cfg.get("num_classes", 10),
-                          name="WideResnet")(x, t_or_sigma, train)
+        return WideResnet(blocks_per_group=self.blocks_per_group,
+                          channel_multiplier=self.channel_multiplier,
+                          num_outputs=self.num_outputs, name="WideResnet")(x, t_or_sigma, train)

@@ -42,7 +42,7 @@ def main():
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
 
     sde = get_sde(config)
-    model = mutils.get_model(config.model.name)(config=config)
+    model = mutils.create_model(config)
     state = run_lib.init_state(config, jax.random.PRNGKey(config.seed), replicated)
     train_step, eval_losses = run_lib.build_step_fns(config, sde, model, get_optimizer(config),
                                                      mesh)
@@ -54,10 +54,10 @@ def main():
     rows = slice(pid * B // n_proc, (pid + 1) * B // n_proc)
     step_losses = []
     for i in range(STEPS):
-        state, loss = train_step(state, run_lib._to_global(data[i][:, rows], batch_sharding))
+        state, loss = train_step(state, run_lib.to_global(data[i][:, rows], batch_sharding))
         step_losses.extend(np.asarray(loss).tolist())
-    eval_loss = np.asarray(eval_losses(state, run_lib._to_global(data[0][:, rows],
-                                                                  batch_sharding)))
+    eval_loss = np.asarray(eval_losses(state, run_lib.to_global(data[0][:, rows], batch_sharding),
+                                       0))
     leaves = jax.tree_util.tree_leaves(jax.device_get(state.params))
     print("RESULT " + json.dumps({
         "devices": jax.device_count(), "processes": n_proc, "step": int(state.step),

@@ -1,22 +1,28 @@
 """Tests for configs/: every config module is found by walking the folder, built, and checked.
 
 Checks: required sections and keys; valid SDE / predictor / corrector / model / dataset names;
-each variant only sets keys its dataset default defines (so configs can be locked); network
+each variant only sets keys the dataset defaults define (so configs can be locked); network
 shapes that cannot work (image size vs. ch_mult, attention at a resolution never reached);
-NCSN class count = noise levels; docstrings open with the command that runs the file; and the
-resolved values against the reference (yang-song/score_sde configs and /work/shared/REFERENCE.md),
-transcribed here independently of the config files.
+removed keys stay removed; docstrings open with the command that runs the file; the resolved
+values against the reference (yang-song/score_sde configs and the paper), transcribed here
+independently of the config files; every config against a snapshot of its values taken
+before the configs were rebuilt on presets; `configs.complete` on reference-format configs.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import pathlib
 
 import ml_collections
 import pytest
 
+import configs
+from configs import presets
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 SECTIONS = ("training", "sampling", "eval", "data", "model", "optim")
 SDES = {"vesde", "vpsde", "subvpsde"}
 PREDICTORS = {"euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none"}
@@ -30,17 +36,32 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(rel.parts)
 
 
-def _discover() -> tuple[list[pathlib.Path], list[pathlib.Path]]:
-    defaults, variants = [], []
+def _discover():
+    """Sorts configs/*.py into defaults, plain variants (`get_config()`), variants that take an
+    argument (`get_config(arg)` with `CHOICES`; one id `path:arg` per choice), and helpers."""
+    defaults, variants, with_args, helpers = [], [], [], []
     for path in sorted(CONFIG_DIR.rglob("*.py")):
         if path.name == "__init__.py":
             continue
-        (defaults if path.name.startswith("default_") else variants).append(path)
-    return defaults, variants
+        module = importlib.import_module(_module_name(path))
+        rel = str(path.relative_to(CONFIG_DIR))
+        if path.name.startswith("default_"):
+            defaults.append(path)
+        elif hasattr(module, "CHOICES"):
+            with_args.extend(f"{rel}:{arg}" for arg in module.CHOICES)
+        elif hasattr(module, "get_config"):
+            variants.append(path)
+        else:
+            helpers.append(rel)
+    return defaults, variants, with_args, helpers
 
 
-DEFAULT_PATHS, VARIANT_PATHS = _discover()
+DEFAULT_PATHS, VARIANT_PATHS, ARG_IDS, HELPERS = _discover()
 VARIANT_IDS = [str(p.relative_to(CONFIG_DIR)) for p in VARIANT_PATHS]
+# Keys deleted from every config: never read by the library. NCSN / NCSNv2 derive their number
+# of noise-conditioning classes from model.num_scales (models.utils.create_model).
+REMOVED_KEYS = ("training.log_progress", "model.attention_type", "model.conv_size",
+                "optim.amsgrad", "model.num_classes")
 
 
 def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
@@ -58,9 +79,24 @@ def _load_variant(path: pathlib.Path):
     return module, module.get_config()
 
 
+def _load_with_arg(arg_id: str):
+    rel, arg = arg_id.split(":")
+    module = importlib.import_module(_module_name(CONFIG_DIR / rel))
+    return module, module.get_config(arg)
+
+
 @pytest.fixture(scope="module")
 def variants() -> dict:
-    return {str(p.relative_to(CONFIG_DIR)): _load_variant(p) for p in VARIANT_PATHS}
+    loaded = {str(p.relative_to(CONFIG_DIR)): _load_variant(p) for p in VARIANT_PATHS}
+    loaded.update({arg_id: _load_with_arg(arg_id) for arg_id in ARG_IDS})
+    return loaded
+
+
+def _default_keys() -> set:
+    keys = set()
+    for path in DEFAULT_PATHS:
+        keys |= set(_flat(importlib.import_module(_module_name(path)).get_default_configs()))
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +147,7 @@ CELEBA = {
 LSUN = {
     "data.image_size": 256,
     "training.batch_size": 64,
+    "training.n_jitted_steps": 5,
     "training.n_iters": 2400001,
     "training.snapshot_freq_for_preemption": 5000,
     "sampling.snr": 0.075,
@@ -315,11 +352,13 @@ EXPECTED = {
         **NCSNPP_1024,
         "data.dataset": "FFHQ",
         "training.reduce_mean": True,
+        "training.n_jitted_steps": 2,
     },
     "ve/celebahq_ncsnpp_continuous.py": {
         **NCSNPP_1024,
         "data.dataset": "CelebAHQ",
         "training.reduce_mean": False,
+        "training.n_jitted_steps": 1,
     },
     "ve/ncsn/cifar10.py": {**CIFAR, **NCSN_V1_10, "model.ema_rate": 0.0},
     "ve/ncsn/cifar10_5.py": {**CIFAR, **NCSN_V1_10, "model.ema_rate": 0.999},
@@ -386,6 +425,7 @@ EXPECTED = {
         "data.category": "bedroom",
         "data.image_size": 128,
         "training.batch_size": 128,
+        "training.n_jitted_steps": 5,
         "model.name": "ncsnv2_128",
         "model.sigma_max": 190,
         "model.sigma_min": 0.01,
@@ -498,7 +538,7 @@ PROJECT_KEYS = {
     "eval.fast_fid": False,
     "eval.fast_fid_num_samples": 1000,
     "eval.num_bpd_batches": 0,
-    "eval.ckpt_wait_secs": 86400,
+    "eval.ckpt_wait_secs": -1,
     "eval.stats_dir": "assets/stats",
     "sampling.ode_method": "dopri5",
     "sampling.ode_rtol": 1e-5,
@@ -506,8 +546,17 @@ PROJECT_KEYS = {
     "eval.bpd_num_repeats": 5,
     "eval.show_progress": True,
     "training.max_ckpts_to_keep": 0,
-    "training.log_progress": True,
 }
+
+# Configs that take an argument, and the reference file each argument stands for.
+ARG_ALIASES = {
+    **{f"ve/lsun_ncsnpp_continuous.py:{arg}": f"ve/{arg}_ncsnpp_continuous.py"
+       for arg in ("bedroom", "church", "ffhq_256", "celebahq_256", "ffhq", "celebahq")},
+    **{f"vp/ddpm/lsun.py:{arg}": f"vp/ddpm/{arg}.py" for arg in ("bedroom", "church", "celebahq")},
+    **{f"ve/ncsn/ncsn.py:{data}{t}": f"ve/ncsn/{data}{t}.py"
+       for data in ("cifar10", "celeba") for t in ("", "_5", "_124", "_1245")},
+}
+ALL_IDS = VARIANT_IDS + ARG_IDS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,8 +564,11 @@ PROJECT_KEYS = {
 
 def test_discovery_finds_every_reference_config():
     # The walk, not a hand list, decides what the other tests cover; this pins it to the
-    # reference's file list plus the project's two additions.
+    # reference's file list plus the project's two additions; the configs that take an
+    # argument cover exactly the reference files that differ only by values.
     assert sorted(VARIANT_IDS) == sorted(EXPECTED)
+    assert sorted(ARG_IDS) == sorted(ARG_ALIASES)
+    assert HELPERS == ["presets.py"]
     assert sorted(p.name for p in DEFAULT_PATHS) == [
         "default_celeba_configs.py",
         "default_cifar10_configs.py",
@@ -550,16 +602,20 @@ def test_defaults_share_one_key_set_with_project_keys():
         assert flat["data.data_dir"] == expected_dir
 
 
-@pytest.mark.parametrize("rel", VARIANT_IDS)
-def test_variant_structure(variants, rel):
-    module, config = variants[rel]
+@pytest.fixture(scope="module")
+def default_keys() -> set:
+    return _default_keys()
+
+
+@pytest.mark.parametrize("rel", ALL_IDS)
+def test_variant_structure(variants, default_keys, rel):
+    _, config = variants[rel]
     assert isinstance(config, ml_collections.ConfigDict)
     for section in SECTIONS:
         assert isinstance(config[section], ml_collections.ConfigDict), section
     assert isinstance(config.seed, int)
-    default = module.get_default_configs()
-    extra = set(_flat(config)) - set(_flat(default))
-    assert not extra, f"{rel} sets keys its default lacks: {sorted(extra)}"
+    extra = set(_flat(config)) - default_keys
+    assert not extra, f"{rel} sets keys the defaults lack: {sorted(extra)}"
     assert config.training.sde in SDES
     assert config.sampling.method in {"pc", "ode"}
     assert config.sampling.predictor in PREDICTORS
@@ -570,7 +626,7 @@ def test_variant_structure(variants, rel):
     assert config.eval.begin_ckpt <= config.eval.end_ckpt
 
 
-@pytest.mark.parametrize("rel", VARIANT_IDS)
+@pytest.mark.parametrize("rel", ALL_IDS)
 def test_variant_shapes_and_schedules(variants, rel):
     _, config = variants[rel]
     model, data, training = config.model, config.data, config.training
@@ -579,8 +635,6 @@ def test_variant_shapes_and_schedules(variants, rel):
         assert data.image_size % 2**depth == 0, (data.image_size, model.ch_mult)
         reached = {data.image_size // 2**i for i in range(depth + 1)}
         assert set(model.attn_resolutions) <= reached, (model.attn_resolutions, reached)
-    if model.name.startswith("ncsn") and model.name != "ncsnpp":
-        assert model.num_classes == model.num_scales
     if data.dataset == "LSUN":
         assert data.category in {"bedroom", "church_outdoor"}
     if data.dataset in {"FFHQ", "CelebAHQ"}:
@@ -594,10 +648,10 @@ def test_variant_shapes_and_schedules(variants, rel):
         assert training.sde in {"vesde", "vpsde"}  # the reference has no sub-VP ancestral rule
 
 
-@pytest.mark.parametrize("rel", VARIANT_IDS)
+@pytest.mark.parametrize("rel", ALL_IDS)
 def test_variant_matches_reference(variants, rel):
     flat = _flat(variants[rel][1])
-    for key, want in EXPECTED[rel].items():
+    for key, want in EXPECTED[ARG_ALIASES.get(rel, rel)].items():
         got = flat[key]
         if isinstance(want, float) or isinstance(got, float):
             assert got == pytest.approx(want), (key, got, want)
@@ -605,11 +659,12 @@ def test_variant_matches_reference(variants, rel):
             assert got == want, (key, got, want)
 
 
-@pytest.mark.parametrize("rel", VARIANT_IDS)
+@pytest.mark.parametrize("rel", ALL_IDS)
 def test_docstring_opens_with_its_command(variants, rel):
     module, _ = variants[rel]
     first_line = module.__doc__.splitlines()[0]
-    assert first_line.startswith(f"python main.py --mode=train --config=configs/{rel} ")
+    path, sep, _ = rel.partition(":")
+    assert first_line.startswith(f"python main.py --mode=train --config=configs/{path}{sep}")
     assert "--workdir=workdir/" in first_line
 
 
@@ -630,3 +685,182 @@ def test_locked_config_accepts_overrides_and_rejects_typos():
     assert config.model.nf == 16
     with pytest.raises(AttributeError):
         config.training.continuouse = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Regression against the snapshot of every config taken before the rebuild on presets
+# (tests/fixtures/make_config_snapshots.py; values stored as repr, which keeps the type).
+
+SNAPSHOTS = json.loads((FIXTURES / "config_snapshots.json").read_text())
+# Deliberate changes since the snapshot: n_jitted_steps as in the reference's files
+# (default_lsun_configs: 5; the 1024 px FFHQ config: 2; the 1024 px CelebA-HQ config keeps 1).
+CHANGED = {
+    **{(rel, "training.n_jitted_steps"): "5" for rel in (
+        "default_lsun_configs.py", "ve/bedroom_ncsnpp_continuous.py",
+        "ve/church_ncsnpp_continuous.py", "ve/ffhq_256_ncsnpp_continuous.py",
+        "ve/celebahq_256_ncsnpp_continuous.py", "ve/ncsnv2/bedroom.py", "vp/ddpm/bedroom.py",
+        "vp/ddpm/church.py", "vp/ddpm/celebahq.py")},
+    ("ve/ffhq_ncsnpp_continuous.py", "training.n_jitted_steps"): "2",
+    # Evaluation no longer waits 24 h on a workdir no training run writes to (-1: auto).
+    **{(rel, "eval.ckpt_wait_secs"): "-1" for rel in SNAPSHOTS},
+}
+
+
+def _repr_flat(config) -> dict:
+    return {key: repr(value) for key, value in _flat(config).items()}
+
+
+def _resolve(rel: str) -> ml_collections.ConfigDict:
+    module = importlib.import_module(_module_name(CONFIG_DIR / rel))
+    if rel.split("/")[-1].startswith("default_"):
+        return module.get_default_configs()
+    return module.get_config()
+
+
+def test_snapshot_covers_every_config_file():
+    files = {str(p.relative_to(CONFIG_DIR)) for p in DEFAULT_PATHS + VARIANT_PATHS}
+    assert set(SNAPSHOTS) == files
+    assert all(key in SNAPSHOTS[rel] for rel, key in CHANGED)
+
+
+@pytest.mark.parametrize("rel", sorted(SNAPSHOTS))
+def test_config_values_unchanged_since_snapshot(rel):
+    got = _repr_flat(_resolve(rel))
+    before = SNAPSHOTS[rel]
+    # Keys added to the defaults after the snapshot reach every config; nothing else may be new.
+    added = set(_repr_flat(_resolve("default_cifar10_configs.py"))) - set(
+        SNAPSHOTS["default_cifar10_configs.py"])
+    assert set(got) == (set(before) - set(REMOVED_KEYS)) | added
+    for key in set(before) - set(REMOVED_KEYS):
+        assert got[key] == CHANGED.get((rel, key), before[key]), (key, got[key], before[key])
+
+
+def test_removed_keys_are_gone_everywhere():
+    assert all(key in SNAPSHOTS["default_cifar10_configs.py"] for key in REMOVED_KEYS)
+    flat_defaults = _flat(configs.project_defaults())
+    for key in REMOVED_KEYS:
+        assert key not in flat_defaults, key
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs that take an argument, and the presets.
+
+
+@pytest.mark.parametrize("arg_id", sorted(ARG_ALIASES))
+def test_reference_file_is_its_argument(variants, arg_id):
+    assert variants[arg_id][1].to_dict() == variants[ARG_ALIASES[arg_id]][1].to_dict()
+
+
+@pytest.mark.parametrize("module_name", ["configs.ve.lsun_ncsnpp_continuous",
+                                         "configs.vp.ddpm.lsun", "configs.ve.ncsn.ncsn"])
+def test_config_argument_is_required_and_checked(module_name):
+    module = importlib.import_module(module_name)
+    for bad in (None, "cifar100", ""):
+        with pytest.raises(ValueError, match="takes one of") as info:
+            module.get_config(bad)
+        for name in module.CHOICES:
+            assert repr(name) in str(info.value)
+
+
+def test_presets_reject_unknown_names():
+    config = configs.project_defaults()
+    with pytest.raises(ValueError, match="'vesde', 'vpsde', 'subvpsde'"):
+        presets.sde(config, "ve")
+    with pytest.raises(ValueError, match="no discrete objective"):
+        presets.sde(config, "subvpsde", continuous=False)
+    with pytest.raises(ValueError, match="'ncsn', 'cifar10', 'celeba', 'bedroom'"):
+        presets.ncsn(config, schedule="svhn")
+
+
+def test_sde_preset_recipes():
+    # The recipe of each SDE as the reference configs spell it out.
+    config = configs.project_defaults()
+    presets.sde(config, "vpsde", continuous=False)
+    assert (config.sampling.predictor, config.sampling.corrector) == ("ancestral_sampling", "none")
+    assert config.training.reduce_mean and config.data.centered
+    assert (config.model.scale_by_sigma, config.model.ema_rate) == (False, 0.9999)
+    presets.sde(config, "subvpsde")
+    assert config.sampling.predictor == "euler_maruyama" and config.training.continuous
+    presets.sde(config, "vesde", continuous=False)
+    assert (config.sampling.predictor, config.sampling.corrector) == ("reverse_diffusion",
+                                                                      "langevin")
+    assert not config.training.reduce_mean and not config.data.centered
+    assert (config.model.scale_by_sigma, config.model.ema_rate) == (True, 0.999)
+    assert not config.training.continuous
+
+
+# ---------------------------------------------------------------------------------------------
+# configs.complete on configs in the reference's format (yang-song/score_sde, resolved and
+# saved by the reference code with the small-network overrides noted in the fixture).
+
+REFERENCE_CONFIGS = json.loads((FIXTURES / "reference_configs.json").read_text())
+
+
+@pytest.mark.parametrize("rel", sorted(REFERENCE_CONFIGS))
+def test_complete_fills_reference_configs(rel):
+    reference = REFERENCE_CONFIGS[rel]["config"]
+    given = ml_collections.ConfigDict(reference)
+    given.lock()
+    completed = configs.complete(given)
+    ref_flat, out_flat = _flat(ml_collections.ConfigDict(reference)), _flat(completed)
+    default_flat = _flat(configs.project_defaults())
+    for key, value in default_flat.items():
+        assert key in out_flat, key
+        assert out_flat[key] == ref_flat.get(key, value), key
+    # Keys the project does not use are kept as they are.
+    for key, value in ref_flat.items():
+        assert out_flat[key] == value, key
+    assert "sampling.ode_method" not in ref_flat and out_flat["sampling.ode_method"] == "dopri5"
+    assert "training.sde" in ref_flat and out_flat["training.sde"] == ref_flat["training.sde"]
+    # The input is untouched, and the result locked against typos.
+    assert _flat(given) == ref_flat
+    assert completed.is_locked
+    with pytest.raises(AttributeError):
+        completed.training.continuouse = False
+
+
+def test_complete_keeps_unknown_keys_and_values():
+    given = ml_collections.ConfigDict({"model": {"conv_size": 3, "nf": 4, "ch_mult": [1, 2]},
+                                       "extra": {"a": 1}})
+    completed = configs.complete(given)
+    assert completed.model.conv_size == 3 and completed.extra.a == 1
+    assert completed.model.nf == 4 and completed.model.ch_mult == [1, 2]
+    assert completed.model.fir_kernel == [1, 3, 3, 1]  # from the CIFAR-10 default
+    assert completed.optim.warmup == 5000  # a whole absent section
+    assert set(given.model.keys()) == {"conv_size", "nf", "ch_mult"}
+    # Each call builds new values: editing one result cannot reach the next.
+    completed.optim.warmup = 1
+    assert configs.complete(given).optim.warmup == 5000
+
+
+def test_complete_rejects_a_value_where_the_defaults_have_a_section():
+    with pytest.raises(ValueError, match="model"):
+        configs.complete(ml_collections.ConfigDict({"model": 3}))
+
+
+def test_complete_reads_keys_added_to_any_default(monkeypatch):
+    # Keys added to a default later (a new key, a new section, a section only one dataset's
+    # default has) are completed without any list in configs.complete.
+    import configs.default_celeba_configs as celeba
+    import configs.default_cifar10_configs as cifar10
+
+    def cifar10_plus():
+        config = original_cifar10()
+        config.sampling.num_steps = 7
+        config.controllable = ml_collections.ConfigDict({"snr": 0.2})
+        return config
+
+    def celeba_plus():
+        config = original_celeba()
+        config.only_celeba = ml_collections.ConfigDict({"x": 1})
+        return config
+
+    original_cifar10, original_celeba = cifar10.get_default_configs, celeba.get_default_configs
+    monkeypatch.setattr(cifar10, "get_default_configs", cifar10_plus)
+    monkeypatch.setattr(celeba, "get_default_configs", celeba_plus)
+    given = ml_collections.ConfigDict(REFERENCE_CONFIGS["vp/ddpm/cifar10.py"]["config"])
+    completed = configs.complete(given)
+    assert completed.sampling.num_steps == 7
+    assert completed.controllable.snr == 0.2
+    assert completed.only_celeba.x == 1
+    assert completed.sampling.predictor == "ancestral_sampling"

@@ -5,6 +5,7 @@ marginal, so replacement sampling is exact; for a mixture, score + grad log p_t(
 exact score of component y.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,16 +61,57 @@ def test_colorization_keeps_gray_and_samples_chroma():
     np.testing.assert_allclose(cg.couple(cg.decouple(rgb)), rgb, atol=1e-6)
 
 
+class ExactMixtureClassifier(nn.Module):
+    """The exact noise-conditional classifier log p(k | x) of a Gaussian mixture under a VE SDE
+    (perturbation kernel N(x0, noise_scale^2 I)), as a flax module with the WRN's call
+    signature."""
+
+    mixture: GaussianMixture
+
+    def __call__(self, x, noise_scale, train=False):
+        means = jnp.asarray(self.mixture.means, jnp.float32)[None]
+        variances = (jnp.asarray(self.mixture.stds, jnp.float32)[None] ** 2
+                     + noise_scale[:, None, None] ** 2)
+        return self.mixture._component_logp(x, means, variances)
+
+
 def test_classifier_guidance_samples_the_chosen_component():
     sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0, N=500)
     data = GaussianMixture([0.2, 0.8], [[-2.0, -2.0], [2.0, 2.0]], [[0.5, 0.3], [0.4, 0.6]])
     labels = jnp.arange(N) % 2
-    sampler = cg.get_pc_conditional_sampler(sde, (N, 2), "reverse_diffusion", "langevin",
-                                            IDENTITY, snr=0.16)
-    x = np.asarray(sampler(jax.random.key(0), data.score_fn(sde), data.class_log_prob_fn(sde),
-                           labels))
+    sampler = cg.get_pc_conditional_sampler(sde, ExactMixtureClassifier(data), {}, (N, 2),
+                                            "reverse_diffusion", "langevin", IDENTITY, snr=0.16,
+                                            image_mean=None)
+    x = np.asarray(sampler(jax.random.key(0), data.score_fn(sde), labels))
     for k in (0, 1):
         assert_gaussian(x[np.asarray(labels) == k], data.means[k], data.stds[k])
+
+
+def test_guidance_scale_zero_samples_the_unconditional_mixture():
+    sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0, N=500)
+    data = GaussianMixture([0.2, 0.8], [[-2.0, -2.0], [2.0, 2.0]], [[0.5, 0.3], [0.4, 0.6]])
+    sampler = cg.get_pc_conditional_sampler(sde, ExactMixtureClassifier(data), {}, (N, 2),
+                                            "reverse_diffusion", None, IDENTITY, snr=0.16,
+                                            image_mean=None, scale=0.0)
+    x = np.asarray(sampler(jax.random.key(0), data.score_fn(sde), jnp.zeros(N, jnp.int32)))
+    # All labels ask for component 0, but with scale 0 the mixture weights 0.2 / 0.8 remain.
+    frac0 = float(np.mean(x[:, 0] < 0))
+    assert abs(frac0 - 0.2) < 4 * np.sqrt(0.2 * 0.8 / N), frac0
+
+
+def test_logit_fn_normalises_like_the_reference():
+    class Identity(nn.Module):
+        def __call__(self, x, noise_scale, train=False):
+            return x.reshape(x.shape[0], -1)
+
+    x = jnp.full((1, 1, 1, 3), 0.5)
+    logits = cg.get_logit_fn(Identity(), {})(x, jnp.ones(1))
+    expected = (0.5 - np.array(cg.CIFAR10_MEAN)) / np.array(cg.CIFAR10_STD)
+    np.testing.assert_allclose(logits[0], expected, rtol=1e-6)
+    grad = cg.get_classifier_grad_fn(lambda x, s: x.reshape(1, -1) * 2.0)(
+        jnp.zeros((1, 3)), jnp.ones(1), jnp.array([1]))
+    # d/dx log softmax(2x)[1] at x = 0: 2 (e_1 - 1/3).
+    np.testing.assert_allclose(grad[0], 2.0 * (np.eye(3)[1] - 1.0 / 3.0), rtol=1e-5)
 
 
 def test_invalid_parts_fail_at_construction():
@@ -77,3 +119,12 @@ def test_invalid_parts_fail_at_construction():
         cg.get_pc_inpainter(sde_lib.subVPSDE(), "ancestral_sampling", "none", IDENTITY, 0.1)
     with pytest.raises(ValueError, match="valid names"):
         cg.get_pc_colorizer(sde_lib.VESDE(), "reverse_diffusion", "hmc", IDENTITY, 0.1)
+
+
+def test_none_parts_mean_none_as_in_the_reference():
+    # Corrector None, predictor None: the inpainter keeps the prior for the unknown part.
+    sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=1.0, N=3)
+    data = jnp.ones((2, 1, 1, 2))
+    inpainter = cg.get_pc_inpainter(sde, None, None, IDENTITY, 0.1, denoise=True)
+    x = inpainter(jax.random.key(0), lambda x, t: jnp.zeros_like(x), data, jnp.array([1.0, 0.0]))
+    np.testing.assert_allclose(x[..., 0], 1.0)  # known part: the data's mean at eps (VE: data)

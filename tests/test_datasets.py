@@ -4,8 +4,10 @@ from the real IDX files of Debian's `dataset-fashion-mnist` (required: CI instal
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
+from unittest import mock
 
 import jax
 import ml_collections
@@ -356,18 +358,27 @@ def test_mnist_from_local_idx_files(tmp_path, gz):
         np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), labels[:n])
 
 
+def _write_tfrecords(path, chw_images, shape=None, keys=("shape", "data")):
+    """Records as the progressive-GAN dataset_tool writes them; `shape` overrides the stored
+    shape and `keys` selects the features written (to make damaged files)."""
+    with tf.io.TFRecordWriter(path) as writer:
+        for img in chw_images:
+            feature = {
+                "shape": tf.train.Feature(
+                    int64_list=tf.train.Int64List(value=img.shape if shape is None else shape)
+                ),
+                "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[img.tobytes()])),
+            }
+            feature = {k: v for k, v in feature.items() if k in keys}
+            example = tf.train.Example(features=tf.train.Features(feature=feature))
+            writer.write(example.SerializeToString())
+
+
 def test_tfrecords_source(tmp_path):
     rng = np.random.default_rng(0)
     chw = rng.integers(0, 256, size=(5, 3, 8, 8)).astype(np.uint8)
     path = str(tmp_path / "ffhq-r03.tfrecords")
-    with tf.io.TFRecordWriter(path) as writer:
-        for img in chw:
-            feature = {
-                "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=img.shape)),
-                "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[img.tobytes()])),
-            }
-            example = tf.train.Example(features=tf.train.Features(feature=feature))
-            writer.write(example.SerializeToString())
+    _write_tfrecords(path, chw)
     config = make_config("FFHQ", image_size=8, eval_batch_size=2, tfrecords_path=path)
     _, eval_ds, _ = datasets.get_dataset(config, evaluation=True)
     batches = take(eval_ds)
@@ -425,8 +436,182 @@ def test_batch_not_divisible_by_devices(monkeypatch, tmp_path):
     monkeypatch.setattr(jax, "device_count", lambda: 3)
     # The check comes before any data access: the data dir does not even exist.
     config = make_config(batch_size=4, eval_batch_size=6, data_dir=str(tmp_path / "none"))
-    with pytest.raises(ValueError, match=r"config.training.batch_size=4 .*devices \(3\)"):
+    message = r"config.{}={} must be a positive multiple of the device count 3 \(and of the"
+    with pytest.raises(ValueError, match=message.format("training.batch_size", 4)):
         datasets.get_dataset(config)
     config.eval.batch_size = 8
-    with pytest.raises(ValueError, match=r"config.eval.batch_size=8 .*devices \(3\)"):
+    with pytest.raises(ValueError, match=message.format("eval.batch_size", 8)):
         datasets.get_dataset(config, evaluation=True)
+
+
+def test_unknown_lsun_category_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"category='kitchenette' .*valid: .*bedroom.*tower"):
+        datasets.get_dataset(make_config("LSUN", category="kitchenette"))
+
+
+# ----------------------------------------------------------------------------- spec registry
+
+
+def test_registry_specs():
+    assert sorted(datasets.DATASETS) == [
+        "CELEBA", "CIFAR10", "CelebAHQ", "FFHQ", "FashionMNIST", "LSUN", "MNIST", "SVHN"
+    ]
+    assert "CIFAR10" in datasets.DATASETS and "CIFAR100" not in datasets.DATASETS
+    for name, spec in datasets.DATASETS.items():
+        assert spec.name == name
+        assert spec.source in ("tfds", "idx_or_tfds", "tfrecords")
+        assert spec.channels == (1 if "MNIST" in name else 3)
+        assert (spec.tfds_name is None) == (spec.source == "tfrecords")
+        if spec.tfds_name is not None:  # a name tfds knows (offline: only the code is looked up)
+            family = spec.tfds_name.split("/")[0]
+            assert tfds.builder_cls(family).name == family
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        datasets.DATASETS["CIFAR10"].channels = 1
+
+
+@pytest.mark.parametrize("name", sorted(datasets.DATASETS))
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_preprocess_shape_and_range(name, size):
+    spec = datasets.DATASETS[name]
+    hw = spec.native_size or (200, 150)  # LSUN and TFRecords: any size
+    rng = np.random.default_rng(size)
+    img = tf.constant(rng.integers(0, 256, size=(*hw, spec.channels)).astype(np.uint8))
+    out = spec.preprocess(img, size).numpy()
+    assert out.shape == (size, size, spec.channels) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def test_download_only_when_switched_on():
+    with tfds.testing.mock_data(num_examples=4):
+        with mock.patch.object(
+            tfds.core.DatasetBuilder, "download_and_prepare", autospec=True
+        ) as download:
+            config = make_config(eval_batch_size=2)
+            datasets.get_dataset(config, evaluation=True)
+            assert download.call_count == 0  # off by default
+            config.data.download = False
+            datasets.get_dataset(config, evaluation=True)
+            assert download.call_count == 0
+            config.data.download = True
+            datasets.get_dataset(config, evaluation=True)
+            assert download.call_count == 1
+            assert download.call_args.args[0].name == "cifar10"
+            config.data.download = False
+            datasets.get_dataset(config, evaluation=True, download=True)  # the argument too
+            assert download.call_count == 2
+
+
+def test_offline_error_names_download_switch(tmp_path):
+    config = make_config("SVHN", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"tfds build svhn_cropped") as info:
+        datasets.get_dataset(config)
+    assert "--config.data.download=True" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+
+def _damage_idx(path, damage):
+    """Damages the train images file of a gzip MNIST folder at `path`; returns the file(s) the
+    error must name."""
+    images = path / "train-images-idx3-ubyte.gz"
+    labels = path / "train-labels-idx1-ubyte.gz"
+    if damage == "unreadable":
+        os.chmod(images, 0)
+    elif damage == "truncated_gzip":
+        images.write_bytes(images.read_bytes()[:-200])
+    elif damage == "not_gzip":
+        _write_idx(str(path / "plain"), np.zeros((6, 28, 28), np.uint8), 0x08)
+        os.replace(path / "plain", images)
+    elif damage == "bad_magic":
+        images.write_bytes(gzip.compress(b"PK\x03\x04" + bytes(100)))
+    elif damage == "count_mismatch":
+        _write_idx(str(labels), np.zeros(4, np.uint8), 0x08)
+        return [str(images), str(labels), "6 images", "4 labels"]
+    elif damage == "rank":
+        _write_idx(str(images), np.zeros((6, 28, 28, 1), np.uint8), 0x08)
+    elif damage == "label_rank":
+        _write_idx(str(labels), np.zeros((6, 2), np.uint8), 0x08)
+        return [str(labels)]
+    return [str(images)]
+
+
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        ("unreadable", r"cannot be read \(Permission denied\)"),
+        ("truncated_gzip", r"gzip stream is truncated or corrupt"),
+        ("not_gzip", r"not a valid gzip file"),
+        ("bad_magic", r"is not an IDX file \(bad magic number b'PK\\x03\\x04'\)"),
+        ("count_mismatch", r"holds 6 images but .* holds 4 labels"),
+        ("rank", r"expected uint8 images \[N, H, W\], got uint8 \[6, 28, 28, 1\]"),
+        ("label_rank", r"expected labels \[N\], got shape \[6, 2\]"),
+    ],
+)
+def test_damaged_idx_file_gives_one_clear_error(tmp_path, monkeypatch, damage, reason):
+    _write_mnist_dir(tmp_path, gz=True)
+    named = _damage_idx(tmp_path, damage)
+    if damage == "unreadable" and os.access(named[0], os.R_OK):
+        # Root reads any file; make the read fail as it would for anyone else.
+        real_open = gzip.open
+
+        def denied(path, *args, **kwargs):
+            if path == named[0]:
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(gzip, "open", denied)
+    config = make_config("MNIST", image_size=28, data_dir=str(tmp_path))
+    with pytest.raises(datasets.DataError, match=reason) as info:
+        datasets.get_dataset(config)  # raised while building, before any batch is read
+    for text in named:
+        assert text in str(info.value)
+
+
+def _damage_tfrecords(path, damage):
+    """Writes a damaged `path` (3-channel 8x8 FFHQ records, unless the damage is the channels)."""
+    chw = np.random.default_rng(0).integers(0, 256, size=(3, 3, 8, 8)).astype(np.uint8)
+    if damage == "corrupt":
+        _write_tfrecords(path, chw)
+        data = bytearray(open(path, "rb").read())
+        data[:8] = b"\xff" * 8  # the length field of the first record
+        open(path, "wb").write(bytes(data))
+    elif damage == "not_records":
+        open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    elif damage == "directory":
+        os.mkdir(path)
+    elif damage == "empty":
+        open(path, "wb").close()
+    elif damage == "no_shape":
+        _write_tfrecords(path, chw, keys=("data",))
+    elif damage == "shape_vs_data":
+        _write_tfrecords(path, chw, shape=(3, 8, 9))
+    elif damage == "channels":
+        _write_tfrecords(path, chw[:, :1])
+
+
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        ("corrupt", r"cannot be read as TFRecords \(.*corrupted record"),
+        ("not_records", r"cannot be read as TFRecords \(.*corrupted record"),
+        ("directory", r"cannot be read as TFRecords \(.*Is a directory"),
+        ("empty", r"holds no records"),
+        ("no_shape", r"records lack the feature\(s\) \['shape'\] \(have \['data'\]\)"),
+        ("shape_vs_data", r"`shape` \[3, 8, 9\] does not match its `data` \(192 bytes\)"),
+        ("channels", r"\[C, H, W\] = \[1, 8, 8\] have 1 channel\(s\); expected 3"),
+    ],
+)
+def test_damaged_tfrecords_give_one_clear_error(tmp_path, damage, reason):
+    good = str(tmp_path / "a.tfrecords")
+    _write_tfrecords(good, np.zeros((2, 3, 8, 8), np.uint8))
+    bad = str(tmp_path / "b.tfrecords")
+    _damage_tfrecords(bad, damage)
+    config = make_config("FFHQ", image_size=8, tfrecords_path=str(tmp_path / "*.tfrecords"))
+    with pytest.raises(datasets.DataError, match=reason) as info:
+        datasets.get_dataset(config)
+    assert str(info.value).startswith(bad + ":")
+    assert "{{" not in str(info.value) and "[Op:" not in str(info.value)

@@ -1,18 +1,22 @@
-"""Tests for evaluation.py: FID Inception port, weight files, FID / KID / IS, stats files.
+"""Tests for the evaluation package: FID Inception port, weight files, FID / KID / IS,
+stats files.
 
 Genuine PyTorch fixtures come from tests/fixtures/make_torch_fixtures.py (run once with
 PyTorch in a throwaway venv); the project itself never imports torch.
 """
 
+import contextlib
+import functools
 import importlib.util
 import io
 import os
 import pickle
-import subprocess
+import struct
 import sys
-import textwrap
+import tracemalloc
 import urllib.error
 import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +24,7 @@ import ml_collections
 import numpy as np
 import pytest
 import scipy.linalg
+import torch_pickle_writer as tw
 
 import evaluation as ev
 
@@ -124,8 +129,12 @@ def test_parameter_count_matches_torchvision_figure():
 def test_output_shapes_for_non_square_input():
     variables = ev.inception_variable_shapes()
     images = jax.ShapeDtypeStruct((3, 17, 40, 3), jnp.uint8)  # resized to 299 inside
-    out = jax.eval_shape(ev._forward, variables, images, None)
+    forward = functools.partial(ev.inception.apply, precision=None)
+    out = jax.eval_shape(forward, variables, images)
     assert out["pool_3"].shape == (3, 2048) and out["logits"].shape == (3, 1008)
+    grey = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)  # float32 is cast inside
+    out = jax.eval_shape(forward, variables, grey)
+    assert out["pool_3"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
 
 
 # --------------------------------------------------------------------------------------
@@ -177,7 +186,7 @@ def test_bilinear_matrix_rows_sum_to_one():
 
 def test_avg_pool_excludes_padding():
     x = np.random.default_rng(2).normal(size=(1, 4, 5, 2)).astype(np.float32)
-    got = np.asarray(ev._avg_pool_3x3_same(jnp.asarray(x)))
+    got = np.asarray(ev.inception._avg_pool_3x3_same(jnp.asarray(x)))
     want = np.zeros_like(x)
     for i in range(4):
         for j in range(5):
@@ -188,12 +197,24 @@ def test_avg_pool_excludes_padding():
 
 def test_max_pool_pads_with_minus_infinity():
     x = -np.ones((1, 3, 3, 1), np.float32)
-    np.testing.assert_array_equal(np.asarray(ev._max_pool(jnp.asarray(x), 1, pad=1)), x)
+    np.testing.assert_array_equal(np.asarray(ev.inception._max_pool(jnp.asarray(x), 1, pad=1)), x)
 
 
 def test_images_to_uint8_truncates_like_score_sde():
     x = np.array([-0.1, 0.0, 0.5, 0.999, 1.0, 1.2])
     np.testing.assert_array_equal(ev.images_to_uint8(x), [0, 0, 127, 254, 255, 255])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_images_to_uint8_is_the_reference_rule(dtype):
+    # score_sde: np.clip(x * 255, 0, 255).astype(np.uint8), i.e. truncation, by hand:
+    # 0.999 -> 0, 1.999 -> 1, 254.5 -> 254 (rounding would give 1, 2, 254 or 255),
+    # below 0 -> 0, above 1 -> 255.
+    x = np.array([0.999 / 255, 1.999 / 255, 254.5 / 255, 254.999 / 255, -0.1, 1.2,
+                  128 / 255], dtype)
+    got = ev.images_to_uint8(x.reshape(1, 7, 1, 1))
+    assert got.dtype == np.uint8 and got.shape == (1, 7, 1, 1)
+    np.testing.assert_array_equal(got.ravel(), [0, 1, 254, 254, 0, 255, 128])
 
 
 # --------------------------------------------------------------------------------------
@@ -222,7 +243,7 @@ def test_writer_round_trip(tmp_path, legacy):
           "count.num_batches_tracked": np.array(3, np.int64),
           "mask": np.array([True, False]), "bytes": np.arange(5, dtype=np.uint8)}
     path = tmp_path / "x.pth"
-    ev.save_torch_state_dict(path, sd, legacy=legacy)
+    tw.save_torch_state_dict(path, sd, legacy=legacy)
     out = ev.load_torch_state_dict(path)
     assert list(out) == list(sd)
     for key, value in sd.items():
@@ -235,11 +256,11 @@ def test_reads_state_dict_with_metadata_attribute(tmp_path):
     # Module.state_dict() returns an OrderedDict carrying a `_metadata` attribute, which
     # the pickle restores with a BUILD opcode; the loader must accept it.
     import collections
-    storage = ev._StorageToPickle("0", np.arange(3, dtype=np.float32))
-    sd = collections.OrderedDict(a=ev._TensorToPickle(storage))
+    storage = tw.StorageToPickle("0", np.arange(3, dtype=np.float32))
+    sd = collections.OrderedDict(a=tw.TensorToPickle(storage))
     sd._metadata = collections.OrderedDict([("", {"version": 1}), ("bn", {"version": 2})])
     buf = io.BytesIO()
-    ev._TorchPickler(buf, legacy=False).dump(sd)
+    tw.TorchPickler(buf, legacy=False).dump(sd)
     assert b"_metadata" in buf.getvalue()
     with zipfile.ZipFile(tmp_path / "m.pth", "w") as zf:
         zf.writestr("m/data.pkl", buf.getvalue())
@@ -259,7 +280,7 @@ def test_refuses_foreign_globals_zip(tmp_path):
     path = tmp_path / "evil.pth"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("evil/data.pkl", _evil_pickle(marker))
-    with pytest.raises(pickle.UnpicklingError, match="os.system"):
+    with pytest.raises(ev.WeightFileError, match="os.system"):
         ev.load_torch_state_dict(path)
     assert not marker.exists()
 
@@ -267,18 +288,20 @@ def test_refuses_foreign_globals_zip(tmp_path):
 def test_refuses_foreign_globals_legacy(tmp_path):
     marker = tmp_path / "pwned"
     buf = io.BytesIO()
-    for header in (ev._TORCH_MAGIC_NUMBER, ev._TORCH_LEGACY_PROTOCOL, {"little_endian": True}):
+    headers = (ev.pth.TORCH_MAGIC_NUMBER, ev.pth.TORCH_LEGACY_PROTOCOL,
+               {"little_endian": True})
+    for header in headers:
         pickle.dump(header, buf, protocol=2)
     buf.write(_evil_pickle(marker))
     path = tmp_path / "evil.pth"
     path.write_bytes(buf.getvalue())
-    with pytest.raises(pickle.UnpicklingError, match="os.system"):
+    with pytest.raises(ev.WeightFileError, match="os.system"):
         ev.load_torch_state_dict(path)
     assert not marker.exists()
 
 
 def test_refuses_global_inside_state_dict(tmp_path):
-    ev.save_torch_state_dict(tmp_path / "ok.pth", {"a": np.zeros(2, np.float32)})
+    tw.save_torch_state_dict(tmp_path / "ok.pth", {"a": np.zeros(2, np.float32)})
     with zipfile.ZipFile(tmp_path / "ok.pth") as zf:
         pkl = zf.read("archive/data.pkl")
     bad = pkl.replace(b"torch._utils\n_rebuild_tensor_v2", b"builtins\neval")
@@ -288,8 +311,231 @@ def test_refuses_global_inside_state_dict(tmp_path):
     with zipfile.ZipFile(tmp_path / "bad.pth", "w") as zf:
         for name, data in records.items():
             zf.writestr(name, bad if name.endswith("data.pkl") else data)
-    with pytest.raises(pickle.UnpicklingError, match="builtins.eval"):
+    with pytest.raises(ev.WeightFileError, match="builtins.eval"):
         ev.load_torch_state_dict(tmp_path / "bad.pth")
+
+
+def test_weight_file_error_is_value_and_unpickling_error():
+    assert issubclass(ev.WeightFileError, ValueError)
+    assert issubclass(ev.WeightFileError, pickle.UnpicklingError)
+
+
+def test_refuses_disallowed_numpy_dtype(tmp_path):
+    # numpy.dtype('O') would let an object scalar through; only numeric dtypes pass.
+    path = tmp_path / "objdtype.pth"
+    tw.write_zip(path, b"cnumpy\ndtype\n(VO\nI00\nI01\ntR.", {})
+    with pytest.raises(ev.WeightFileError, match="numpy dtype 'O' is not allowed"):
+        ev.load_torch_checkpoint(path)
+
+
+def test_expected_shapes_checked_before_reading(tmp_path):
+    path = os.path.join(FIXTURES, "small_zip.pth")
+    sd = ev.load_torch_state_dict(path, expected_shapes={"conv.weight": (2, 3, 2, 2)})
+    assert sd["conv.weight"].shape == (2, 3, 2, 2)
+    with pytest.raises(ev.WeightFileError, match=r"conv.weight: \(2, 3, 2, 2\), expected"):
+        ev.load_torch_state_dict(path, expected_shapes={"conv.weight": (3, 2, 2, 2)})
+    with pytest.raises(ev.WeightFileError, match="fc.bias: missing"):
+        ev.load_torch_state_dict(path, expected_shapes={"fc.bias": (4,)})
+
+
+# --------------------------------------------------------------------------------------
+# General checkpoints: score_sde_pytorch's checkpoint_<k>.pth
+# --------------------------------------------------------------------------------------
+
+
+def test_reads_score_sde_pytorch_checkpoint():
+    # Written by yang-song/score_sde_pytorch's utils.save_checkpoint (torch 2.x zip):
+    # VE NCSN++ continuous, nf=4, num_scales=1000, EMA rate 0.999, two training steps.
+    ckpt = ev.load_torch_checkpoint(
+        os.path.join(FIXTURES, "score_sde_pytorch_ve_checkpoint_1.pth"))
+    assert list(ckpt) == ["optimizer", "model", "ema", "step"] and ckpt["step"] == 2
+    model = ckpt["model"]
+    sigmas = model["module.sigmas"]  # a float64 buffer, not a parameter
+    assert sigmas.shape == (1000,) and sigmas.dtype == np.float64
+    assert np.all(np.diff(sigmas) < 0)  # geometric, sigma_max first
+    params = [(k, v) for k, v in model.items() if k != "module.sigmas"]
+    assert all(k.startswith("module.all_modules.") for k, _ in params)
+    assert all(v.dtype == np.float32 for _, v in params)
+    assert params[0][0] == "module.all_modules.0.W" and params[0][1].shape == (4,)
+    assert len(params) == 217
+
+    ema = ckpt["ema"]
+    assert ema["decay"] == pytest.approx(0.999) and ema["num_updates"] == 2
+    shadow = ema["shadow_params"]
+    # The Fourier features' W has requires_grad=False, so the EMA list skips it: one
+    # entry fewer, and entry i is parameter i + 1.
+    assert isinstance(shadow, list) and len(shadow) == len(params) - 1
+    assert [s.shape for s in shadow] == [v.shape for _, v in params[1:]]
+    assert not np.array_equal(shadow[0], params[1][1])  # EMA noise made them differ
+
+    opt = ckpt["optimizer"]
+    group = opt["param_groups"][0]
+    assert type(group["lr"]) is np.float64 and group["lr"] == pytest.approx(4e-8)
+    assert group["betas"] == (0.9, 0.999) and group["params"] == list(range(217))
+    assert sorted(opt["state"]) == list(range(1, 217))  # no Adam state for W
+    state = opt["state"][1]
+    assert state["step"].shape == () and state["step"].dtype == np.float32
+    assert state["exp_avg"].shape == params[1][1].shape
+    assert "torch" not in sys.modules
+
+
+# --------------------------------------------------------------------------------------
+# Hostile and damaged files: one clear error, before any large allocation
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _peak_allocation():
+    """Peak Python + numpy allocation (bytes) inside the block, in box['peak']."""
+    box = {}
+    tracemalloc.start()
+    try:
+        yield box
+    finally:
+        box["peak"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+
+_SMALL_PEAK = 32 << 20  # far below the 2 GiB each hostile file below asks for
+
+
+def _one_tensor_file(path, legacy, declared_numel, size, stride, offset=0, held=1):
+    """A file whose only tensor views a float32 storage declaring `declared_numel`
+    elements while the file holds `held` of them."""
+    data = np.zeros(held, np.float32)
+    storage = tw.StorageToPickle("0", data)
+    pkl = tw.pickle_tensors({"w": tw.TensorToPickle(storage, offset, size, stride)},
+                            legacy, numel_override={"0": declared_numel})
+    if legacy:
+        tw.write_legacy(path, pkl, {"0": data.tobytes()}, {"0": declared_numel})
+    else:
+        tw.write_zip(path, pkl, {"0": data.tobytes()})
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_storage_declared_larger_than_file_is_refused_before_allocating(tmp_path, legacy):
+    path = _one_tensor_file(tmp_path / "huge.pth", legacy, 2 ** 29, (2 ** 29,), (1,))
+    assert os.path.getsize(path) < 1000
+    with _peak_allocation() as mem, pytest.raises(ev.WeightFileError) as info:
+        ev.load_torch_state_dict(path)
+    assert mem["peak"] < _SMALL_PEAK
+    assert str(path) in str(info.value)
+    assert "declares 536870912 elements (2147483648 bytes)" in str(info.value)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_stride_zero_view_cannot_expand_a_tiny_storage(tmp_path, legacy):
+    # 2^15 x 2^14 float32 (2 GiB) all reading element 0 of a one-element storage.
+    path = _one_tensor_file(tmp_path / "stride0.pth", legacy, 1, (2 ** 15, 2 ** 14), (0, 0))
+    with _peak_allocation() as mem, pytest.raises(ev.WeightFileError, match="stride 0"):
+        ev.load_torch_state_dict(path)
+    assert mem["peak"] < _SMALL_PEAK
+    # A small expanded view (within the 1 MiB allowance) is a legitimate tensor.
+    path = _one_tensor_file(tmp_path / "small.pth", legacy, 1, (3, 4), (0, 0))
+    np.testing.assert_array_equal(ev.load_torch_state_dict(path)["w"], np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("offset, size, stride, message", [
+    (0, (3,), (1,), "reads past its storage of 2 elements"),
+    (2, (1,), (1,), "reads past its storage of 2 elements"),
+    (0, (2, 2), (1, 1), "reads past its storage of 2 elements"),
+    (1, (2,), (-1,), "bad tensor geometry"),
+    (0, (-1,), (1,), "bad tensor geometry"),
+    (0, (2, 1), (1,), "bad tensor geometry"),
+])
+def test_views_outside_their_storage_are_refused(tmp_path, offset, size, stride, message):
+    path = _one_tensor_file(tmp_path / "view.pth", False, 2, size, stride, offset, held=2)
+    with pytest.raises(ev.WeightFileError, match=message):
+        ev.load_torch_state_dict(path)
+
+
+def _raw_zip(path, members, central_copies=1):
+    """A zip built by hand, so members can declare sizes and CRCs that are lies.
+
+    members: (name, method, crc, data, declared_size); `central_copies` > 1 lists each
+    member that many times, all pointing at the same data. Layout from the zip
+    specification (APPNOTE 4.3.7 local header, 4.3.12 central directory, 4.3.16 end).
+    """
+    local, central = b"", b""
+    for name, method, crc, data, declared in members:
+        fields = struct.pack("<HHHHHIIIHH", 20, 0, method, 0, 0x21, crc, len(data),
+                             declared, len(name), 0)
+        central += central_copies * (
+            b"PK\x01\x02" + struct.pack("<H", 20) + fields
+            + struct.pack("<HHHII", 0, 0, 0, 0, len(local)) + name.encode())
+        local += b"PK\x03\x04" + fields + name.encode() + data
+    n = len(members) * central_copies
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, len(central), len(local), 0)
+    path.write_bytes(local + central + end)
+    return path
+
+
+def _zeros_deflated(n_mib):
+    """A raw deflate stream of n_mib MiB of zeros, without compressing them all:
+    full-flush blocks do not refer back, so one block can be repeated."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = c.compress(bytes(1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
+    return block * n_mib + c.flush()
+
+
+def _bomb_members(declared_numel, stream, declared_size):
+    pkl = tw.pickle_tensors({"w": tw.TensorToPickle(tw.StorageToPickle(
+        "0", np.zeros(1, np.float32)), 0, (declared_numel,), (1,))},
+        numel_override={"0": declared_numel})
+    return [("a/data.pkl", 0, zlib.crc32(pkl), pkl, len(pkl)),
+            ("a/data/0", 8, 0, stream, declared_size)]
+
+
+def test_zip_bomb_declaring_gigabytes_is_refused(tmp_path):
+    # 2 MiB of deflate that honestly inflates to 2 GiB, for a 2 GiB storage.
+    stream = _zeros_deflated(2048)
+    path = _raw_zip(tmp_path / "bomb.pth", _bomb_members(2 ** 29, stream, 2 ** 31))
+    with _peak_allocation() as mem, pytest.raises(ev.WeightFileError, match="zip bomb"):
+        ev.load_torch_state_dict(path)
+    assert mem["peak"] < _SMALL_PEAK + 2 * len(stream)
+
+
+def test_zip_member_inflating_past_its_declared_size_is_not_read(tmp_path):
+    # The member declares 4 bytes (one float) but its stream inflates to 2 GiB.
+    stream = _zeros_deflated(2048)
+    path = _raw_zip(tmp_path / "liar.pth", _bomb_members(1, stream, 4))
+    with _peak_allocation() as mem, pytest.raises(ev.WeightFileError, match="CRC") as info:
+        ev.load_torch_state_dict(path)
+    assert mem["peak"] < _SMALL_PEAK + 2 * len(stream)
+    assert str(path) in str(info.value)
+
+
+def test_zip_members_overlapping_or_past_the_end_are_refused(tmp_path):
+    pkl = tw.pickle_tensors({})
+    members = [("a/data.pkl", 0, zlib.crc32(pkl), pkl, len(pkl))]
+    _raw_zip(tmp_path / "ok.pth", members)
+    assert ev.load_torch_checkpoint(tmp_path / "ok.pth") == {}
+    # Many directory entries sharing one member's bytes (a non-recursive zip bomb).
+    _raw_zip(tmp_path / "shared.pth", members, central_copies=40)
+    with pytest.raises(ev.WeightFileError, match="overlap or extend past the file"):
+        ev.load_torch_checkpoint(tmp_path / "shared.pth")
+    data = bytearray((tmp_path / "ok.pth").read_bytes())
+    central = data.index(b"PK\x01\x02")
+    struct.pack_into("<I", data, central + 20, 10 ** 6)  # compressed size past the end
+    (tmp_path / "past.pth").write_bytes(bytes(data))
+    with pytest.raises(ev.WeightFileError, match="overlap or extend past the file"):
+        ev.load_torch_checkpoint(tmp_path / "past.pth")
+
+
+@pytest.mark.parametrize("name", ["small_zip.pth", "small_legacy.pth"])
+def test_truncated_files_name_the_file(tmp_path, name):
+    data = open(os.path.join(FIXTURES, name), "rb").read()
+    cuts = sorted(set(np.linspace(0, len(data) - 1, 40).astype(int)) | {1, 2, 8, 60})
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}.pth"
+        path.write_bytes(data[:cut])
+        with pytest.raises(ev.WeightFileError) as info:
+            ev.load_torch_state_dict(path)
+        message = str(info.value)
+        assert str(path) in message and "truncated or not a PyTorch checkpoint" in message, (
+            cut, message)
+        assert "persistent IDs" not in message
 
 
 def test_rejects_wrong_state_dict():
@@ -319,7 +565,7 @@ def test_layout_conversion_round_trip():
     assert variables["params"]["fc"]["kernel"][10, 3] == sd["fc.weight"][3, 10]
     assert np.array_equal(variables["batch_stats"]["Mixed_7c"]["branch_pool"]["bn"]["var"],
                           sd["Mixed_7c.branch_pool.bn.running_var"])
-    back = ev.flax_to_torch_state_dict(variables)
+    back = tw.flax_to_torch_state_dict(variables)
     assert set(back) == set(sd)
     assert all(np.array_equal(back[k], sd[k]) for k in sd)
 
@@ -339,7 +585,7 @@ def seeded_files(tmp_path_factory):
     paths = {}
     for legacy in (False, True):
         paths[legacy] = str(directory / f"inception_{'legacy' if legacy else 'zip'}.pth")
-        ev.save_torch_state_dict(paths[legacy], sd, legacy=legacy)
+        tw.save_torch_state_dict(paths[legacy], sd, legacy=legacy)
     return paths
 
 
@@ -389,33 +635,42 @@ def test_compute_activations_pads_ragged_batches_and_keeps_order():
 
 
 def test_rejects_float_images():
-    apply = ev.data_parallel(lambda v, x: {"pool_3": x.mean((1, 2, 3))}, {})
+    inception_fn = ev.get_inception_model_from_variables({})
     with pytest.raises(ValueError, match="uint8"):
-        apply(np.zeros((2, 8, 8, 3), np.float32))
+        inception_fn(np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\[B, H, W, 1\]"):
+        inception_fn(np.zeros((2, 8, 8, 2), np.uint8))
 
 
-def test_data_parallel_pads_and_shards_over_several_devices():
-    script = textwrap.dedent("""
-        import numpy as np, jax, jax.numpy as jnp
-        import evaluation as ev
-        assert jax.device_count() == 3
-        def forward(v, x):
-            return {"pool_3": x.astype(jnp.float32).mean((1, 2, 3)) * v["s"]}
-        apply = ev.data_parallel(forward, {"s": np.float32(2.0)})
-        x = np.random.default_rng(0).integers(0, 256, (7, 5, 4, 3), dtype=np.uint8)
-        out = apply(x)["pool_3"]
-        assert out.shape == (7,), out.shape
-        np.testing.assert_allclose(np.asarray(out), 2 * x.mean((1, 2, 3)), rtol=1e-6)
-        full = apply(x[:6])["pool_3"]
-        assert len(full.sharding.device_set) == 3
-        print("OK")
-    """)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=3")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+def test_chunks_keep_order_and_compile_few_shapes():
+    traced = []
+
+    @jax.jit
+    def forward(v, x):
+        traced.append(x.shape[0])  # runs once per compiled shape
+        return {"pool_3": x.astype(jnp.float32).mean((1, 2, 3)) * v["s"],
+                "logits": x[:, 0, 0, :].astype(jnp.float32)}
+
+    inception_fn = ev.inception.chunked(forward, {"s": np.float32(2.0)}, chunk_size=4)
+    rng = np.random.default_rng(0)
+    # Batches of 7 = 4 + 3 (padded to 4), 5 = 4 + 1, 6 = 4 + 2, 11 = 4 + 4 + 3, 1.
+    for _ in range(2):  # the second round compiles nothing new
+        for b in (7, 5, 6, 11, 1):
+            x = rng.integers(0, 256, (b, 3, 2, 3), dtype=np.uint8)
+            out = inception_fn(x)
+            assert out["pool_3"].shape == (b,) and out["logits"].shape == (b, 3)
+            np.testing.assert_allclose(np.asarray(out["pool_3"]), 2 * x.mean((1, 2, 3)),
+                                       rtol=1e-6)
+            np.testing.assert_array_equal(np.asarray(out["logits"]), x[:, 0, 0, :])
+    assert sorted(traced) == [1, 2, 4]
+
+
+def test_grey_images_are_repeated_to_rgb():
+    grey = np.random.default_rng(9).integers(0, 256, (2, 12, 10, 1), dtype=np.uint8)
+    got = np.asarray(ev.preprocess_images(jnp.asarray(grey)))
+    want = np.asarray(ev.preprocess_images(jnp.asarray(np.repeat(grey, 3, axis=-1))))
+    assert got.shape == (2, 299, 299, 3)
+    np.testing.assert_array_equal(got, want)
 
 
 # --------------------------------------------------------------------------------------
@@ -437,7 +692,7 @@ def test_offline_error_names_url_cache_and_config_key(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(ev.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(ev.weights.urllib.request, "urlopen", offline)
     with pytest.raises(FileNotFoundError) as info:
         ev.get_inception_model()
     message = str(info.value)
@@ -450,12 +705,14 @@ def test_offline_error_names_url_cache_and_config_key(tmp_path, monkeypatch):
 def test_download_checks_hash_and_renames_atomically(tmp_path, monkeypatch):
     import hashlib
     payload = b"not the inception weights"
-    monkeypatch.setattr(ev.urllib.request, "urlopen", lambda *a, **k: _FakeResponse(payload))
+    monkeypatch.setattr(ev.weights.urllib.request, "urlopen",
+                        lambda *a, **k: _FakeResponse(payload))
     with pytest.raises(RuntimeError, match="SHA-256"):
         ev.download_inception_weights(str(tmp_path))
     assert os.listdir(tmp_path) == []
 
-    monkeypatch.setattr(ev, "FID_WEIGHTS_SHA256_PREFIX", hashlib.sha256(payload).hexdigest()[:8])
+    monkeypatch.setattr(ev.weights, "FID_WEIGHTS_SHA256_PREFIX",
+                        hashlib.sha256(payload).hexdigest()[:8])
     path = ev.download_inception_weights(str(tmp_path))
     assert path == str(tmp_path / ev.FID_WEIGHTS_FILENAME)
     assert open(path, "rb").read() == payload and os.listdir(tmp_path) == [ev.FID_WEIGHTS_FILENAME]
@@ -463,7 +720,7 @@ def test_download_checks_hash_and_renames_atomically(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("downloaded again")
 
-    monkeypatch.setattr(ev.urllib.request, "urlopen", fail)
+    monkeypatch.setattr(ev.weights.urllib.request, "urlopen", fail)
     assert ev.download_inception_weights(str(tmp_path)) == path
 
 
@@ -474,7 +731,7 @@ def test_default_path_reads_the_cache(seeded_files, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("should not download when the cache has the file")
 
-    monkeypatch.setattr(ev.urllib.request, "urlopen", fail)
+    monkeypatch.setattr(ev.weights.urllib.request, "urlopen", fail)
     variables = ev.load_inception_variables(None)
     want = _load_fixture_module().seeded_weight("fc.bias", (1008,))
     np.testing.assert_array_equal(variables["params"]["fc"]["bias"], want)
@@ -656,7 +913,8 @@ def _config(stats_dir="", dataset="CIFAR10", image_size=32, category=""):
 
 def test_stats_round_trip_and_default_path(tmp_path):
     default = ev.dataset_stats_path(_config())
-    assert default == os.path.join(ev._PROJECT_ROOT, "assets", "stats", "cifar10_stats.npz")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert default == os.path.join(root, "assets", "stats", "cifar10_stats.npz")
     assert ev.dataset_stats_path(_config(dataset="LSUN", image_size=256,
                                          category="church_outdoor")).endswith(
         "lsun_church_outdoor_256_stats.npz")

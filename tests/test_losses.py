@@ -1,5 +1,7 @@
 """Losses and the train step, checked against closed-form expectations for Gaussian data."""
 
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,10 +44,10 @@ class ExactGaussianNet(nn.Module):
             score = -sde_lib.batch_mul(1.0 / var, x - mean)
             out = score if isinstance(sde, sde_lib.VESDE) else -sde_lib.batch_mul(std, score)
         elif isinstance(sde, sde_lib.VESDE):  # SMLD: labels index sigmas from sigma_max down
-            sigma = jnp.asarray(sde.discrete_sigmas[::-1], jnp.float32)[labels]
+            sigma = sde.discrete_sigmas[::-1][labels]
             out = -sde_lib.batch_mul(1.0 / (S**2 + sigma**2), x - MU)
         else:  # DDPM: the exact epsilon prediction E[eps | x_i]
-            abar = jnp.asarray(sde.alphas_cumprod, jnp.float32)[labels]
+            abar = sde.alphas_cumprod[labels]
             var = abar * S**2 + 1 - abar
             out = sde_lib.batch_mul(jnp.sqrt(1 - abar) / var, x - sde_lib.batch_mul(
                 jnp.sqrt(abar), jnp.full_like(x, MU)))
@@ -95,7 +97,8 @@ def _closed_form_dsm(sde, likelihood_weighting, eps=1e-5):
 def test_dsm_loss_at_exact_score_matches_closed_form(name):
     sde = SDES[name]()
     model = ExactGaussianNet(sde)
-    loss_fn = losses.get_sde_loss_fn(sde, model, train=False, reduce_mean=True)
+    loss_fn = losses.get_sde_loss_fn(sde, model, train=False, reduce_mean=True,
+                                     likelihood_weighting=False)
     got, se = _mean_loss(loss_fn, {"scale": jnp.asarray(1.0)})
     want = _closed_form_dsm(sde, likelihood_weighting=False)
     assert abs(got - want) < max(4 * se, 0.01 * want), (got, want, se)
@@ -117,6 +120,39 @@ def test_dsm_loss_likelihood_weighting_and_sum_reduction():
     sum_fn = losses.get_sde_loss_fn(sde, model, train=False, reduce_mean=False)
     args = (jax.random.PRNGKey(3), {"scale": jnp.asarray(1.0)}, {}, _data(64))
     np.testing.assert_allclose(sum_fn(*args)[0], 0.5 * D * mean_fn(*args)[0], rtol=1e-5)
+
+
+def test_sde_loss_default_is_likelihood_weighted_as_in_the_reference():
+    sde = sde_lib.VPSDE(N=100)
+    model = ExactGaussianNet(sde)
+    args = (jax.random.PRNGKey(5), {"scale": jnp.asarray(1.3)}, {}, _data(64))
+    loss = lambda **kw: float(losses.get_sde_loss_fn(sde, model, True, **kw)(*args)[0])
+    weighted, unweighted = loss(likelihood_weighting=True), loss(likelihood_weighting=False)
+    assert loss() == weighted
+    assert abs(weighted - unweighted) > 0.1 * abs(unweighted)
+    # get_loss_fn / get_step_fn take the config's choice explicitly; their default is False.
+    via_loss_fn = losses.get_loss_fn(sde, model, True, reduce_mean=True)(*args)[0]
+    assert float(via_loss_fn) == unweighted
+
+
+@pytest.mark.parametrize("fn,leading", [
+    (losses.get_sde_loss_fn, [("sde", None), ("model", None), ("train", None),
+                              ("reduce_mean", True), ("continuous", True),
+                              ("likelihood_weighting", True), ("eps", 1e-5)]),
+    (losses.get_smld_loss_fn, [("vesde", None), ("model", None), ("train", None),
+                               ("reduce_mean", False)]),
+    (losses.get_ddpm_loss_fn, [("vpsde", None), ("model", None), ("train", None),
+                               ("reduce_mean", True)]),
+    (losses.get_step_fn, [("sde", None), ("model", None), ("train", None), ("optimizer", None),
+                          ("reduce_mean", False), ("continuous", True),
+                          ("likelihood_weighting", False)]),
+])
+def test_factories_keep_the_reference_argument_order_and_defaults(fn, leading):
+    # Positional calls written for yang-song/score_sde's losses.py mean the same here.
+    params = list(inspect.signature(fn).parameters.values())[:len(leading)]
+    empty = inspect.Parameter.empty
+    got = [(p.name, None if p.default is empty else p.default) for p in params]
+    assert got == leading
 
 
 @pytest.mark.parametrize("name", ["ve", "vp"])

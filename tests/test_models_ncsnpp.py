@@ -60,7 +60,7 @@ def _np_upfirdn2d(x, k, up, down, pad):
 
 
 # ----------------------------------------------------------------------------------------
-# Parameter counts (REFERENCE.md), traced only.
+# Parameter counts of the reference implementation (yang-song/score_sde), traced only.
 # ----------------------------------------------------------------------------------------
 
 PARAM_COUNTS = {
@@ -91,7 +91,7 @@ def test_parameter_count(name):
 def test_full_size_output_shape(name):
     # The full-size network maps x to an array of x's shape (traced, nothing allocated).
     config = _config(name)
-    model = utils.get_model(config.model.name)(config=config)
+    model = utils.create_model(config)
     shape = (2, config.data.image_size, config.data.image_size, config.data.num_channels)
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     t = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -297,7 +297,7 @@ def _tiny_ncsnpp_config():
 @pytest.fixture(scope="module")
 def tiny_ncsnpp():
     config = _tiny_ncsnpp_config()
-    model = utils.get_model("ncsnpp")(config=config)
+    model = utils.create_model(config)
     # The 'rbg' PRNG compiles far faster than threefry on CPU; the initializers (and so the
     # distributions tested here) are the same.
     init = jax.jit(lambda key: model.init({"params": key}, jnp.zeros((1, 32, 32, 3)),
@@ -413,7 +413,7 @@ def _labels(config, batch):
 def test_forward_backward_tiny(name):
     config = _shrink(_config(name), **FWD_BWD[name])
     size, channels = config.data.image_size, config.data.num_channels
-    model = utils.get_model(config.model.name)(config=config)
+    model = utils.create_model(config)
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(
         lambda s: jnp.asarray(rng.normal(scale=0.1, size=s.shape), jnp.float32),
@@ -438,7 +438,7 @@ def test_forward_backward_tiny(name):
 def test_bad_option_lists_valid_choices():
     config = _tiny_ncsnpp_config()
     config.model.progressive = "sideways"
-    model = utils.get_model("ncsnpp")(config=config)
+    model = utils.create_model(config)
     with pytest.raises(ValueError, match="output_skip"):
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
                                           jnp.ones((1,)), train=False))

@@ -1,6 +1,6 @@
 """NCSN (v1), NCSNv2 and the noise-conditional WideResNet classifier.
 
-Parameter counts are checked against the reference implementation's figures (REFERENCE.md)
+Parameter counts are checked against the reference implementation's (yang-song/score_sde)
 through jax.eval_shape; real forward/backward runs use the real configs with a small nf.
 """
 
@@ -13,8 +13,16 @@ import pytest
 import configs.ve.ncsn.cifar10 as ncsn_cifar10
 import configs.ve.ncsnv2.bedroom as ncsnv2_bedroom
 import configs.ve.ncsnv2.cifar10 as ncsnv2_cifar10
+import sde_lib
 from models import layers, normalization
-from models.utils import count_params, get_model, get_sigmas, init_model, param_shapes
+from models.utils import (
+    count_params,
+    create_model,
+    get_model,
+    get_sigmas,
+    init_model,
+    param_shapes,
+)
 
 EPS = 1e-5
 
@@ -107,16 +115,15 @@ def test_conditional_instance_norm_plus_init():
 
 
 def test_get_normalization_names():
-    cfg = ml_collections.ConfigDict({"model": {"normalization": "InstanceNorm++",
-                                               "num_scales": 7}})
-    assert normalization.get_normalization(cfg) is normalization.InstanceNorm2dPlus
-    cond = normalization.get_normalization(cfg, conditional=True)
-    assert cond().num_classes == 7  # defaults to one class per noise level
-    cfg.model.normalization = "BatchNorm"
+    assert normalization.get_normalization("InstanceNorm++") is normalization.InstanceNorm2dPlus
+    cond = normalization.get_normalization("InstanceNorm++", conditional=True, num_classes=7)
+    assert cond().num_classes == 7  # one class per noise level
+    with pytest.raises(ValueError, match="num_classes"):
+        normalization.get_normalization("InstanceNorm++", conditional=True)
     with pytest.raises(ValueError, match="InstanceNorm\\+\\+"):
-        normalization.get_normalization(cfg)
+        normalization.get_normalization("BatchNorm")
     with pytest.raises(ValueError, match="InstanceNorm\\+\\+"):
-        normalization.get_normalization(cfg, conditional=True)
+        normalization.get_normalization("BatchNorm", conditional=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,6 +201,11 @@ def test_get_sigmas_geometric():
     np.testing.assert_allclose([sigmas[0], sigmas[-1]], [50.0, 0.01], rtol=1e-12)
     ratios = sigmas[1:] / sigmas[:-1]
     np.testing.assert_allclose(ratios, ratios[0], rtol=1e-10)
+    # One ladder: the SDE's discrete sigmas, listed from sigma_max down.
+    sde = sde_lib.get_sde(cfg)
+    np.testing.assert_array_equal(sigmas.astype(np.float32), np.asarray(sde.discrete_sigmas)[::-1])
+    # ...and the one the network divides by.
+    assert create_model(cfg).sigmas == tuple(sigmas)
 
 
 def _small(get_config, nf, image_size=None, **model):
@@ -249,7 +261,7 @@ def _check_forward_backward(loss_and_grad, params, x, labels):
 
 def test_ncsnv2_64_init_forward_backward_and_sigma_scaling():
     cfg = _small(ncsnv2_cifar10.get_config, 4)
-    model, params, states = init_model(jax.random.PRNGKey(0), cfg)  # the real initializers
+    model, states, params = init_model(jax.random.PRNGKey(0), cfg)  # the real initializers
     assert states == {}
     x = jax.random.uniform(jax.random.PRNGKey(1), (1, 32, 32, 3))
     labels = jnp.array([0, 100, 231])
@@ -269,10 +281,10 @@ def test_non_centered_input_is_mapped_to_minus_one_one():
     # reuses the ops compiled for initialization.
     cfg = _small(ncsnv2_cifar10.get_config, 4)
     assert not cfg.data.centered
-    model, params, _ = init_model(jax.random.PRNGKey(0), cfg)
+    model, _, params = init_model(jax.random.PRNGKey(0), cfg)
     centered_cfg = _small(ncsnv2_cifar10.get_config, 4)
     centered_cfg.data.centered = True
-    centered = get_model("ncsnv2_64")(config=centered_cfg)
+    centered = create_model(centered_cfg)
     x = jax.random.uniform(jax.random.PRNGKey(3), (1, 32, 32, 3))
     labels = jnp.array([5])
     np.testing.assert_allclose(model.apply({"params": params}, x, labels),
@@ -282,7 +294,7 @@ def test_non_centered_input_is_mapped_to_minus_one_one():
 
 def test_ncsn_forward_backward_is_noise_conditional_per_example():
     cfg = _small(ncsn_cifar10.get_config, 4)
-    model = get_model("ncsn")(config=cfg)
+    model = create_model(cfg)
     params = _cheap_params(cfg)
     x = jax.random.uniform(jax.random.PRNGKey(4), (2, 32, 32, 3))
     loss_and_grad = _loss_fn(model)  # compiled once, called twice
@@ -293,10 +305,49 @@ def test_ncsn_forward_backward_is_noise_conditional_per_example():
     assert float(jnp.max(jnp.abs(out_a[1] - out_b[1]))) > 1e-4
 
 
+def _ncsn_20_levels(num_classes):
+    """ve/ncsn/cifar10 (10 levels) with --config.model.num_scales=20, a small width, and
+    config.model.num_classes set to `num_classes` (None: key removed)."""
+    cfg = _small(ncsn_cifar10.get_config, 4, num_scales=20)
+    with cfg.unlocked():
+        if num_classes is None:
+            if "num_classes" in cfg.model:
+                del cfg.model["num_classes"]
+        else:
+            cfg.model.num_classes = num_classes  # as a reference-format config has it
+    return cfg
+
+
+@pytest.mark.parametrize("num_classes", [None, 20])
+def test_ncsn_embeds_one_row_per_noise_level(num_classes):
+    cfg = _ncsn_20_levels(num_classes)
+    model = create_model(cfg)
+    assert model.num_scales == 20
+    tables = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(cfg))
+              if path[-1].key == "embedding"]
+    assert tables and all(shape[0] == 20 for shape in tables)
+    # Labels 10..19 used to fall off a 10-row table (NaN); now they are ordinary levels.
+    params = _cheap_params(cfg)
+    x = jax.random.uniform(jax.random.PRNGKey(4), (2, 32, 32, 3))
+    out = model.apply({"params": params}, x, jnp.array([12, 19]))
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_ncsn_refuses_num_classes_other_than_num_scales():
+    with pytest.raises(ValueError, match=r"num_scales=20.*num_classes=10"):
+        create_model(_ncsn_20_levels(10))
+    # NCSNv2 has the same family of noise-level fields (the reference's file sets 232).
+    cfg = _small(ncsnv2_cifar10.get_config, 4, num_scales=100)
+    with cfg.unlocked():
+        cfg.model.num_classes = 232
+    with pytest.raises(ValueError, match=r"'ncsnv2_64'.*num_scales=100.*num_classes=232"):
+        param_shapes(cfg)
+
+
 def test_ncsnv2_128_forward_backward():
     cfg = _small(ncsnv2_bedroom.get_config, 2)
     assert cfg.model.name == "ncsnv2_128" and cfg.data.image_size == 128
-    model = get_model("ncsnv2_128")(config=cfg)
+    model = create_model(cfg)
     x = jax.random.uniform(jax.random.PRNGKey(5), (1, 128, 128, 3))
     _check_forward_backward(_loss_fn(model), _cheap_params(cfg), x, jnp.array([1085]))
 
@@ -305,7 +356,7 @@ def test_ncsnv2_256_forward_backward_shapes():
     # No reference config uses the 256 px network; LSUN bedroom at 256 px stands in. A real
     # run is too slow for this suite, so only shapes are traced (jax.eval_shape).
     cfg = _small(ncsnv2_bedroom.get_config, 128, image_size=256, name="ncsnv2_256")
-    model = get_model("ncsnv2_256")(config=cfg)
+    model = create_model(cfg)
     params = param_shapes(cfg)
     x = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -319,7 +370,7 @@ def test_ncsnv2_256_forward_backward_shapes():
 
 def test_wideresnet_logits_and_fixed_fourier_features():
     cfg = _wrn_config(blocks_per_group=1, channel_multiplier=1)
-    model = get_model("wideresnet_noise_conditional")(config=cfg)
+    model = create_model(cfg)
     params = _cheap_params(cfg)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
 

@@ -1,7 +1,12 @@
-"""get_score_fn label conventions and scalings, with a stub network that records its inputs."""
+"""get_score_fn label conventions and scalings, with a stub network that records its inputs;
+create_model (config -> typed module fields) and init_model's return order."""
+
+import importlib
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -60,9 +65,37 @@ def test_vp_discrete_labels_and_scaling():
     np.testing.assert_allclose(_score(sde, False), -labels / std, rtol=1e-4)
 
 
-def test_subvp_has_no_discrete_convention():
-    with pytest.raises(NotImplementedError, match="subVPSDE has no discrete label convention"):
-        _score(sde_lib.subVPSDE(), False)
+def test_subvp_discrete_uses_the_continuous_convention():
+    # As the reference's get_score_fn: sub-VP is treated as continuous whatever `continuous`
+    # says (labels 999 t, score = -output / std(t)).
+    sde = sde_lib.subVPSDE(beta_min=0.1, beta_max=20.0, N=1000)
+    log_mean = -0.25 * T**2 * 19.9 - 0.5 * T * 0.1
+    std = 1 - np.exp(2 * log_mean)
+    np.testing.assert_allclose(_score(sde, False), -999 * T / std, rtol=1e-4)
+    np.testing.assert_allclose(_score(sde, False, emit_labels=False), -1 / std, rtol=1e-4)
+
+
+class _UnitOU(sde_lib.SDE):
+    """A user's SDE without a discrete chain: dx = -x/2 dt + dw."""
+
+    T = 1.0
+
+    def sde(self, x, t):
+        return -0.5 * x, jnp.ones_like(t)
+
+    def marginal_prob(self, x, t):
+        return sde_lib.batch_mul(jnp.exp(-0.5 * t), x), jnp.sqrt(1 - jnp.exp(-t))
+
+    def prior_sampling(self, rng, shape):
+        return jax.random.normal(rng, shape)
+
+    def prior_logp(self, z):
+        return -0.5 * jnp.sum(z.reshape(z.shape[0], -1) ** 2, -1)
+
+
+def test_sde_without_discrete_chain_refuses_discrete_labels():
+    with pytest.raises(NotImplementedError, match="_UnitOU has no discrete label convention"):
+        _score(_UnitOU(10), False)
 
 
 def test_labels_reach_the_network_unchanged():
@@ -71,3 +104,96 @@ def test_labels_reach_the_network_unchanged():
     _, state = model.apply({}, X, sde.model_labels(jnp.asarray(T), False),
                            mutable=["intermediates"])
     np.testing.assert_array_equal(state["intermediates"]["labels"][0], np.round((1 - T) * 9))
+
+
+# ---------------------------------------------------------------------------------------------
+# create_model: the one place that reads a config for a network.
+
+
+def _config(name):
+    return importlib.import_module("configs." + name.replace("/", ".")).get_config()
+
+
+def test_create_model_fills_typed_fields_from_the_config():
+    cfg = _config("ve/cifar10_ncsnpp")  # positional embedding + scale_by_sigma under VE
+    model = mutils.create_model(cfg)
+    assert type(model) is mutils.get_model("ncsnpp")
+    m = cfg.model
+    assert (model.nf, model.num_res_blocks, model.dropout) == (m.nf, m.num_res_blocks, m.dropout)
+    assert model.ch_mult == tuple(m.ch_mult) and model.fir_kernel == (1, 3, 3, 1)
+    assert model.embedding_type == "positional" and model.scale_by_sigma
+    assert model.centered is cfg.data.centered is False
+    # The derived field: the VE ladder from sigma_max down, as the discrete labels index it.
+    want = np.exp(np.linspace(np.log(m.sigma_max), np.log(m.sigma_min), m.num_scales))
+    np.testing.assert_allclose(model.sigmas, want, rtol=1e-12)
+    assert model.name is None  # config.model.name is the registry name, not a module name
+
+
+def test_create_model_matches_direct_construction():
+    cfg = _config("tiny_test")
+    ncsnpp = mutils.get_model("ncsnpp")
+    # tiny_test overrides and its Fashion-MNIST defaults; every other field keeps its default.
+    kwargs = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,), dropout=0.0,
+                  fir=False, progressive_input="none", sigmas=tuple(mutils.get_sigmas(cfg)))
+    assert mutils.create_model(cfg) == ncsnpp(**kwargs)
+
+
+@mutils.register_model(name="test_researcher_model")
+class ResearcherModel(nn.Module):
+    """A user's model whose field names match config keys."""
+
+    nf: int
+    centered: bool
+    ch_mult: tuple[int, ...] = (1,)
+    my_width: int = 3
+
+    @nn.compact
+    def __call__(self, x, labels, train=False):
+        return nn.Dense(self.nf * self.ch_mult[-1] + self.my_width)(x)
+
+
+def test_create_model_builds_a_researchers_registered_model():
+    cfg = _config("tiny_test")
+    cfg.model.name = "test_researcher_model"
+    model = mutils.create_model(cfg)
+    assert model == ResearcherModel(nf=8, centered=False, ch_mult=(1, 2))  # my_width: default
+    params = mutils.param_shapes(cfg)
+    assert params["Dense_0"]["kernel"].shape == (1, 8 * 2 + 3)
+
+
+def test_create_model_names_a_required_field_it_cannot_fill():
+    cfg = ml_collections.ConfigDict({"model": {"name": "test_researcher_model", "nf": 4},
+                                     "data": {"image_size": 4, "num_channels": 1}})
+    with pytest.raises(ValueError, match=r"'test_researcher_model' \(ResearcherModel\) needs "
+                                         r"field 'centered'.*\['data.centered'\]"):
+        mutils.create_model(cfg)
+
+
+def test_create_model_refuses_fourier_labels_with_discrete_training():
+    cfg = _config("ve/cifar10_ncsnpp_continuous")
+    cfg.training.continuous = False
+    with pytest.raises(ValueError, match="embedding_type='fourier'.*continuous=False"):
+        mutils.create_model(cfg)
+
+
+@mutils.register_model(name="test_batch_stats_model")
+class BatchStatsModel(nn.Module):
+    """Has a non-parameter collection, so init_model's order is observable."""
+
+    @nn.compact
+    def __call__(self, x, labels, train=False):
+        return nn.BatchNorm(use_running_average=not train)(nn.Dense(2)(x))
+
+
+def test_init_model_returns_the_reference_order():
+    cfg = ml_collections.ConfigDict({"model": {"name": "test_batch_stats_model"},
+                                     "data": {"image_size": 2, "num_channels": 3}})
+    result = mutils.init_model(jax.random.PRNGKey(0), cfg)
+    assert result._fields == ("model", "init_model_state", "initial_params")
+    model, init_model_state, initial_params = result
+    assert isinstance(model, BatchStatsModel)
+    assert set(init_model_state) == {"batch_stats"}
+    np.testing.assert_array_equal(init_model_state["batch_stats"]["BatchNorm_0"]["var"],
+                                  np.ones(2))
+    assert set(initial_params) == {"Dense_0", "BatchNorm_0"}
+    assert initial_params["Dense_0"]["kernel"].shape == (3, 2)

@@ -4,115 +4,24 @@ The runs are subprocesses (as a user would start them), on a tiny Fashion-MNIST 
 the tests write as IDX files, so each run takes seconds after compilation.
 """
 
-import gzip
 import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 import pytest
+from run_helpers import ENV, FASHION, ROOT, TRAIN, assert_trees_equal, meta_steps, restore_tree
+from run_helpers import main_args as _main_args
+from run_helpers import run as _run
 
 import run_lib
 from configs import tiny_test
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FASHION = "/usr/share/datasets/fashion-mnist"
-# The subprocesses share a persistent compilation cache (the runs compile the same
-# programs) and skip XLA's expensive optimizations: with a tiny model and a handful of steps
-# compiling dominates, and every run being compared uses the same flags.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-       "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="score_sde_jax_cache_"),
-       "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
-
-
-def _write_idx(path, array):
-    dtype_code = {np.uint8: 0x08}[array.dtype.type]
-    header = struct.pack(">HBB", 0, dtype_code, array.ndim) + struct.pack(
-        f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
-def _read_idx(path):
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return np.frombuffer(data[4 + 4 * ndim:], np.uint8).reshape(shape)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The first 64 training and 32 test images of the real Fashion-MNIST, as IDX files."""
-    folder = tmp_path_factory.mktemp("fashion_subset")
-    for split, n in (("train", 64), ("t10k", 32)):
-        images = _read_idx(f"{FASHION}/{split}-images-idx3-ubyte.gz")[:n]
-        labels = _read_idx(f"{FASHION}/{split}-labels-idx1-ubyte.gz")[:n]
-        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", np.ascontiguousarray(images))
-        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.ascontiguousarray(labels))
-    return str(folder)
-
-
-def _main_args(mode, workdir, data_dir, *overrides):
-    return [sys.executable, os.path.join(ROOT, "main.py"), f"--mode={mode}",
-            f"--config={os.path.join(ROOT, 'configs', 'tiny_test.py')}",
-            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *overrides]
-
-
-TRAIN = ("--config.training.n_iters=12", "--config.training.snapshot_freq=6",
-         "--config.training.snapshot_freq_for_preemption=2")
-
-
-def _run(args, timeout=900):
-    proc = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def _restore_params(path):
-    import orbax.checkpoint as ocp
-
-    tree = ocp.StandardCheckpointer().restore(os.path.join(path, "default"))
-    return tree
-
-
-def _meta_steps(workdir):
-    folder = os.path.join(workdir, "checkpoints-meta")
-    if not os.path.isdir(folder):
-        return []
-    return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-    """An uninterrupted run and a run SIGKILLed mid-training then restarted, side by side."""
-    root = tmp_path_factory.mktemp("train")
-    straight, killed = str(root / "straight"), str(root / "killed")
-    first = subprocess.Popen(_main_args("train", straight, data_dir, *TRAIN), cwd=ROOT, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(_main_args("train", killed, data_dir, *TRAIN), cwd=ROOT, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 900
-    while not any(s >= 4 for s in _meta_steps(killed)):
-        assert victim.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    killed_at = max(_meta_steps(killed))
-    assert killed_at < 12
-    _run(_main_args("train", killed, data_dir, *TRAIN))
-    _, err = first.communicate(timeout=900)
-    assert first.returncode == 0, err[-4000:]
-    return {"straight": straight, "killed": killed, "killed_at": killed_at, "log": err}
+_meta_steps = meta_steps
 
 
 def test_training_writes_documented_files(trained):
@@ -122,7 +31,8 @@ def test_training_writes_documented_files(trained):
     assert saved["training"]["n_iters"] == 12 and saved["model"]["name"] == "ncsnpp"
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
         "checkpoint_1", "checkpoint_2"]
-    assert _meta_steps(workdir) == [12]
+    # The two newest preemption checkpoints are kept, so a damaged one has a fallback.
+    assert _meta_steps(workdir) == [10, 12]
     for step in (6, 12):
         folder = os.path.join(workdir, "samples", f"iter_{step}")
         samples = np.load(os.path.join(folder, "sample.npz"))["samples"]
@@ -134,16 +44,10 @@ def test_training_writes_documented_files(trained):
 
 def test_killed_and_resumed_training_is_bit_exact(trained):
     assert 4 <= trained["killed_at"] < 12
-    a = _restore_params(os.path.join(trained["straight"], "checkpoints", "checkpoint_2"))
-    b = _restore_params(os.path.join(trained["killed"], "checkpoints", "checkpoint_2"))
-    import jax
-
-    leaves_a = jax.tree_util.tree_leaves_with_path(a)
-    leaves_b = jax.tree_util.tree_leaves_with_path(b)
-    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+    a = restore_tree(os.path.join(trained["straight"], "checkpoints", "checkpoint_2"))
+    b = restore_tree(os.path.join(trained["killed"], "checkpoints", "checkpoint_2"))
     assert int(a["step"]) == int(b["step"]) == 12
-    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+    assert_trees_equal(a, b)
 
 
 def test_restart_after_finish_does_nothing_and_keeps_checkpoints(trained, data_dir):
@@ -166,18 +70,20 @@ def test_non_finite_loss_stops_without_touching_checkpoints(trained, data_dir, t
     proc = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0
     assert "Non-finite training loss" in proc.stderr and "step 14" in proc.stderr
-    assert _meta_steps(workdir) == [12]
+    assert _meta_steps(workdir) == [10, 12]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
     """A pytorch-fid-layout weight file with random values, written without PyTorch."""
+    import torch_pickle_writer
+
     import evaluation
 
     path = str(tmp_path_factory.mktemp("inception") / "pt_inception-random.pth")
-    sd = evaluation.flax_to_torch_state_dict(evaluation.init_random_variables(seed=0))
-    evaluation.save_torch_state_dict(path, sd)
+    sd = torch_pickle_writer.flax_to_torch_state_dict(evaluation.init_random_variables(seed=0))
+    torch_pickle_writer.save_torch_state_dict(path, sd)
     return path
 
 

@@ -4,22 +4,11 @@
 Reference parameter count: 65,574,549.
 
 256 px NCSN++, VE SDE, continuous objective, on LSUN bedroom.
+Same as configs/ve/lsun_ncsnpp_continuous.py:bedroom.
 """
 
-from configs.default_lsun_configs import get_default_configs
+from configs.ve import lsun_ncsnpp_continuous
 
 
 def get_config():
-    config = get_default_configs()
-
-    training = config.training
-    training.sde = "vesde"
-    training.continuous = True
-
-    data = config.data
-    data.category = "bedroom"
-
-    model = config.model
-    model.name = "ncsnpp"
-
-    return config
+    return lsun_ncsnpp_continuous.get_config("bedroom")

@@ -7,18 +7,12 @@ NCSN++ with the discrete SMLD objective on CelebA 64x64 (sigma_max 90 from the d
 the reference's stray `model.sigma_begin = 90` is dropped as it duplicates it).
 """
 
+from configs import presets
 from configs.default_celeba_configs import get_default_configs
 
 
 def get_config():
     config = get_default_configs()
-
-    training = config.training
-    training.sde = "vesde"
-    training.continuous = False
-
-    model = config.model
-    model.name = "ncsnpp"
-    model.embedding_type = "positional"
-
+    presets.sde(config, "vesde", continuous=False)
+    presets.ncsnpp(config, embedding_type="positional")
     return config

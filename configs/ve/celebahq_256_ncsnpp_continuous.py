@@ -5,23 +5,11 @@
 Reference parameter count: 65,574,549.
 
 256 px NCSN++, VE SDE, continuous objective, on CelebA-HQ 256 (TFRecords).
+Same as configs/ve/lsun_ncsnpp_continuous.py:celebahq_256.
 """
 
-from configs.default_lsun_configs import get_default_configs
+from configs.ve import lsun_ncsnpp_continuous
 
 
 def get_config():
-    config = get_default_configs()
-
-    training = config.training
-    training.sde = "vesde"
-    training.continuous = True
-
-    data = config.data
-    data.dataset = "CelebAHQ"
-
-    model = config.model
-    model.name = "ncsnpp"
-    model.sigma_max = 348.0
-
-    return config
+    return lsun_ncsnpp_continuous.get_config("celebahq_256")

@@ -4,23 +4,11 @@
 Reference parameter count: 65,574,549.
 
 256 px NCSN++, VE SDE, continuous objective, on LSUN church_outdoor.
+Same as configs/ve/lsun_ncsnpp_continuous.py:church.
 """
 
-from configs.default_lsun_configs import get_default_configs
+from configs.ve import lsun_ncsnpp_continuous
 
 
 def get_config():
-    config = get_default_configs()
-
-    training = config.training
-    training.sde = "vesde"
-    training.continuous = True
-
-    data = config.data
-    data.category = "church_outdoor"
-
-    model = config.model
-    model.name = "ncsnpp"
-    model.sigma_max = 380.0
-
-    return config
+    return lsun_ncsnpp_continuous.get_config("church")

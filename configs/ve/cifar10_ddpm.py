@@ -6,18 +6,12 @@ Reference parameter count: 35,218,947 (the vp/ddpm/cifar10 network).
 The DDPM network trained with the discrete SMLD objective (VE noise levels).
 """
 
+from configs import presets
 from configs.default_cifar10_configs import get_default_configs
 
 
 def get_config():
     config = get_default_configs()
-
-    training = config.training
-    training.sde = "vesde"
-    training.continuous = False
-
-    model = config.model
-    model.name = "ddpm"
-    model.num_res_blocks = 2
-
+    presets.sde(config, "vesde", continuous=False)
+    presets.ddpm(config)
     return config

@@ -7,17 +7,12 @@ Reference parameter count: 62,758,915 (incl. 128 fixed Fourier weights).
 NCSN++ under the VE SDE, continuous objective: the CIFAR-10 default as it stands.
 """
 
+from configs import presets
 from configs.default_cifar10_configs import get_default_configs
 
 
 def get_config():
     config = get_default_configs()
-
-    training = config.training
-    training.sde = "vesde"
-    training.continuous = True
-
-    model = config.model
-    model.name = "ncsnpp"
-
+    presets.sde(config, "vesde", continuous=True)
+    presets.ncsnpp(config)
     return config

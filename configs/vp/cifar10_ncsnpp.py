@@ -6,27 +6,14 @@ Same network as vp/cifar10_ncsnpp_continuous: reference parameter count 62,693,2
 NCSN++ with the discrete DDPM objective (VP noise levels).
 """
 
+from configs import presets
 from configs.default_cifar10_configs import get_default_configs
 
 
 def get_config():
     config = get_default_configs()
-
-    training = config.training
-    training.sde = "vpsde"
-    training.continuous = False
-    training.reduce_mean = True
-
-    sampling = config.sampling
-    sampling.corrector = "none"
-
-    data = config.data
-    data.centered = True
-
-    model = config.model
-    model.name = "ncsnpp"
-    model.scale_by_sigma = False
-    model.ema_rate = 0.9999
-    model.embedding_type = "positional"
-
+    presets.sde(config, "vpsde", continuous=False)
+    presets.ncsnpp(config, embedding_type="positional")
+    # The reference samples this one with the reverse-diffusion predictor, not ancestrally.
+    config.sampling.predictor = "reverse_diffusion"
     return config

@@ -19,8 +19,6 @@ def get_config():
     # Sized for a CPU: about 0.2 s per step on 2 cores (nf 16, batch 32), so 3000 steps
     # plus compilation and two sample grids fit in the 15 minutes the docstring promises.
     training = config.training
-    training.sde = "vpsde"
-    training.continuous = True
     training.batch_size = 32
     training.n_iters = 3000
     training.n_jitted_steps = 1  # on CPU each extra jitted step is compiled again
@@ -35,7 +33,6 @@ def get_config():
     evaluate.num_samples = 64
 
     model = config.model
-    model.name = "ncsnpp"
     model.num_scales = 500
     model.nf = 16
     model.num_res_blocks = 1

@@ -4,36 +4,11 @@
 No reference figure.
 
 NCSN (v1) on CelebA with technique 5 of NCSNv2 only (EMA of the weights).
+Same as configs/ve/ncsn/ncsn.py:celeba_5.
 """
 
-from configs.default_celeba_configs import get_default_configs
+from configs.ve.ncsn import ncsn
 
 
 def get_config():
-    config = get_default_configs()
-
-    training = config.training
-    training.sde = "vesde"
-    training.continuous = False
-
-    sampling = config.sampling
-    sampling.predictor = "none"
-    sampling.corrector = "ald"
-    sampling.n_steps_each = 100
-    sampling.snr = 0.316
-
-    model = config.model
-    model.name = "ncsn"
-    model.normalization = "InstanceNorm++"
-    model.nonlinearity = "elu"
-    model.scale_by_sigma = False
-    model.sigma_max = 1.0
-    model.num_scales = 10
-    model.num_classes = 10  # one conditioning class per noise level
-
-    optim = config.optim
-    optim.warmup = 0
-    optim.grad_clip = -1.0
-    optim.lr = 1e-3
-
-    return config
+    return ncsn.get_config("celeba_5")

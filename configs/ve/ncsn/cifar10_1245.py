@@ -4,35 +4,11 @@
 No reference figure.
 
 NCSN (v1) with NCSNv2 techniques 1, 2, 4, 5 (as cifar10_124, plus EMA).
+Same as configs/ve/ncsn/ncsn.py:cifar10_1245.
 """
 
-from configs.default_cifar10_configs import get_default_configs
+from configs.ve.ncsn import ncsn
 
 
 def get_config():
-    config = get_default_configs()
-
-    training = config.training
-    training.sde = "vesde"
-    training.continuous = False
-
-    sampling = config.sampling
-    sampling.predictor = "none"
-    sampling.corrector = "ald"
-    sampling.n_steps_each = 5
-    sampling.snr = 0.176
-
-    model = config.model
-    model.name = "ncsn"
-    model.normalization = "InstanceNorm++"
-    model.nonlinearity = "elu"
-    model.scale_by_sigma = False
-    model.num_scales = 232
-    model.num_classes = 232  # one conditioning class per noise level
-
-    optim = config.optim
-    optim.warmup = 0
-    optim.grad_clip = -1.0
-    optim.lr = 1e-3
-
-    return config
+    return ncsn.get_config("cifar10_1245")

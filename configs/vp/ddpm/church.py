@@ -4,35 +4,11 @@
 No reference figure.
 
 Reproduces DDPM on LSUN church_outdoor 256x256: discrete objective, ancestral sampling.
+Same as configs/vp/ddpm/lsun.py:church.
 """
 
-from configs.default_lsun_configs import get_default_configs
+from configs.vp.ddpm import lsun
 
 
 def get_config():
-    config = get_default_configs()
-
-    training = config.training
-    training.sde = "vpsde"
-    training.continuous = False
-    training.reduce_mean = True
-
-    sampling = config.sampling
-    sampling.predictor = "ancestral_sampling"
-    sampling.corrector = "none"
-
-    data = config.data
-    data.centered = True
-    data.category = "church_outdoor"
-
-    model = config.model
-    model.name = "ddpm"
-    model.scale_by_sigma = False
-    model.num_scales = 1000
-    model.ema_rate = 0.9999
-    model.ch_mult = (1, 1, 2, 2, 4, 4)
-
-    optim = config.optim
-    optim.lr = 2e-5
-
-    return config
+    return lsun.get_config("church")

@@ -6,29 +6,13 @@ No reference figure.
 DDPM without time conditioning of the network (NCSNv2's technique 3), discrete objective.
 """
 
+from configs import presets
 from configs.default_cifar10_configs import get_default_configs
 
 
 def get_config():
     config = get_default_configs()
-
-    training = config.training
-    training.sde = "vpsde"
-    training.continuous = False
-    training.reduce_mean = True
-
-    sampling = config.sampling
-    sampling.corrector = "none"
-    sampling.predictor = "ancestral_sampling"
-
-    data = config.data
-    data.centered = True
-
-    model = config.model
-    model.name = "ddpm"
-    model.scale_by_sigma = False
-    model.ema_rate = 0.9999
-    model.num_res_blocks = 2
-    model.conditional = False
-
+    presets.sde(config, "vpsde", continuous=False)
+    presets.ddpm(config)
+    config.model.conditional = False
     return config

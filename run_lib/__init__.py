@@ -1,0 +1,52 @@
+"""Training, evaluation and the other modes of `main.py`; owns devices, files and logs.
+
+The library modules (sde_lib, losses, sampling, likelihood, controllable_generation,
+evaluation) are pure JAX; everything they leave out lives here: the device mesh and sharding
+(`devices`), checkpoints (`checkpoints`), files (`files`), logs and progress (`logs`), config
+validation (`checks`), the jitted programs (`steps`), and the loops (`training`,
+`evaluating`, `evaluators`). One code path serves one CPU, one GPU, several devices and several
+hosts: the batch is sharded over a one-axis device mesh, the train state is replicated, and
+each host reads its own shard of the data.
+
+Workdir layout:
+  config.json                      the resolved config of the run
+  stdout.txt                       the run's log
+  checkpoints/checkpoint_<k>       Orbax checkpoint every snapshot_freq steps (k = step / freq)
+  checkpoints-meta/<step>          latest state, for preemption (plus the input-pipeline state)
+  samples/iter_<step>/sample.png   snapshot sample grid (and sample.npz)
+  tensorboard/                     scalars
+  <eval_folder>/                   evaluation outputs and summary.json
+"""
+
+import datasets
+import evaluation
+import pretrained
+from run_lib import checkpoints, interrupt, logs
+from run_lib.checkpoints import DiskFullError, init_state
+from run_lib.checks import CheckpointError, ConfigError, UsageError, validate_config
+from run_lib.devices import make_mesh, to_global
+from run_lib.evaluating import evaluate, fid_stats
+from run_lib.interop import export, import_checkpoint
+from run_lib.interrupt import Interrupted
+from run_lib.steps import build_step_fns, get_sample_fn
+from run_lib.training import train
+
+# `main.py --mode=<name>`: each mode is a function (config, workdir, eval_folder).
+MODES = {
+    "train": lambda config, workdir, eval_folder: train(config, workdir),
+    "eval": evaluate,
+    "fid_stats": lambda config, workdir, eval_folder: fid_stats(config, workdir),
+    "import": import_checkpoint,
+    "export": export,
+}
+
+# What main.py turns into one line: bad input (exit code 2), and runs that cannot go on (1).
+USAGE_ERRORS = (UsageError, datasets.DataError, FileNotFoundError,
+                checkpoints.ConfigMismatchError, pretrained.PretrainedError)
+RUN_ERRORS = (CheckpointError, FloatingPointError, DiskFullError, evaluation.WeightFileError,
+              OSError)
+
+__all__ = ["RUN_ERRORS", "USAGE_ERRORS", "CheckpointError", "ConfigError", "DiskFullError",
+           "Interrupted", "MODES", "UsageError", "build_step_fns", "evaluate", "fid_stats",
+           "get_sample_fn", "init_state", "interrupt", "logs", "make_mesh", "to_global", "train",
+           "validate_config"]

@@ -1,0 +1,141 @@
+"""Validation of a config before anything is built or compiled, and the run's error types."""
+
+from __future__ import annotations
+
+import configs
+import datasets
+import ode
+import sampling
+from models import utils as mutils
+
+SDE_NAMES = ("vesde", "vpsde", "subvpsde")
+
+
+class UsageError(ValueError):
+    """Bad input from the user (flags, config, workdir, data): one line, exit code 2."""
+
+
+class ConfigError(UsageError):
+    """A config value that cannot work; the message names it and the valid choices."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored; the files are left as they are."""
+
+
+class _Problems(list):
+    """Collects every problem of a config, so one run reports all of them at once."""
+
+    def check(self, ok, message):
+        if not ok:
+            self.append(message)
+
+    def call(self, prefix, fn, *args):
+        """Runs a check that raises ValueError; records its message (after `prefix`, if any)."""
+        try:
+            fn(*args)
+        except ValueError as e:
+            self.append(f"{prefix}: {e}" if prefix else str(e))
+
+
+def _check_names(config, problems):
+    problems.check(config.training.sde.lower() in SDE_NAMES,
+                   f"config.training.sde={config.training.sde!r}; valid: {list(SDE_NAMES)}")
+    problems.call("config.model.name", mutils.get_model, config.model.name)
+    spec = datasets.DATASETS.get(config.data.dataset)
+    problems.check(spec is not None, f"config.data.dataset={config.data.dataset!r}; valid: "
+                                     f"{sorted(datasets.DATASETS)}")
+    problems.check(spec is None or config.data.num_channels == spec.channels,
+                   f"config.data.num_channels={config.data.num_channels} but "
+                   f"{config.data.dataset} has {spec and spec.channels} channel(s)")
+    problems.call("config.sampling.method", sampling.get_sampler, config.sampling.method)
+    if config.sampling.method == "pc":
+        problems.call("config.sampling.predictor", sampling.get_predictor,
+                      config.sampling.predictor)
+        problems.call("config.sampling.corrector", sampling.get_corrector,
+                      config.sampling.corrector)
+    problems.call("config.sampling.ode_method", ode.canonical_method, config.sampling.ode_method)
+
+
+def _check_schedule(config, problems):
+    """Noise schedules and sampler settings that would give NaN or meaningless samples."""
+    m, sc, sde = config.model, config.sampling, config.training.sde.lower()
+    problems.check(m.num_scales >= 1, f"config.model.num_scales={m.num_scales} must be >= 1")
+    if sde == "vesde":
+        problems.check(0 < m.sigma_min < m.sigma_max,
+                       f"config.model.sigma_min={m.sigma_min} and sigma_max={m.sigma_max} must "
+                       "satisfy 0 < sigma_min < sigma_max")
+    elif sde in ("vpsde", "subvpsde"):
+        problems.check(0 < m.beta_min < m.beta_max,
+                       f"config.model.beta_min={m.beta_min} and beta_max={m.beta_max} must "
+                       "satisfy 0 < beta_min < beta_max")
+        # The discrete chain's betas are linspace(beta_min / N, beta_max / N, N) (DDPM).
+        problems.check(m.num_scales < 1 or m.beta_max / m.num_scales < 1,
+                       f"config.model.beta_max / num_scales = {m.beta_max}/{m.num_scales} must "
+                       "be < 1 (the largest discrete beta); raise num_scales")
+    problems.check(sc.n_steps_each >= 0,
+                   f"config.sampling.n_steps_each={sc.n_steps_each} must be >= 0")
+    if sc.method == "pc" and sc.corrector not in ("none", None):
+        problems.check(sc.snr > 0, f"config.sampling.snr={sc.snr} must be > 0")
+
+
+def _check_network(config, problems):
+    """The network builds for the config's image size (e.g. divisible by its downsampling)."""
+    try:
+        mutils.param_shapes(config)
+    except (ValueError, TypeError) as e:
+        problems.append(f"config.model ({config.model.name}) does not fit "
+                        f"config.data.image_size={config.data.image_size}, num_channels="
+                        f"{config.data.num_channels}: {e}")
+
+
+def _check_training(config, problems):
+    tc = config.training
+    if not tc.continuous:
+        problems.check(tc.sde.lower() in ("vesde", "vpsde") or tc.sde.lower() not in SDE_NAMES,
+                       f"config.training.continuous=False needs training.sde 'vesde' or "
+                       f"'vpsde', got {tc.sde!r}")
+        problems.check(not tc.likelihood_weighting,
+                       "config.training.likelihood_weighting=True needs continuous=True")
+    k = tc.n_jitted_steps
+    problems.check(k >= 1, f"config.training.n_jitted_steps={k} must be >= 1")
+    for key in ("snapshot_freq", "snapshot_freq_for_preemption", "log_freq", "eval_freq"):
+        value = tc[key]
+        problems.check(value > 0 and value % max(k, 1) == 0,
+                       f"config.training.{key}={value} must be a positive multiple of "
+                       f"training.n_jitted_steps={k}")
+
+
+def prepare(config, mode: str):
+    """The config a mode runs with: completed with this project's defaults for keys a
+    reference-format config lacks (`configs.complete`), then validated."""
+    config = configs.complete(config)
+    validate_config(config, mode)
+    return config
+
+
+def validate_config(config, mode: str = "train") -> None:
+    """Raises ConfigError naming every bad value and its valid choices.
+
+    Accepts configs in the reference's format: absent keys take this project's defaults.
+    """
+    config = configs.complete(config)
+    problems = _Problems()
+    _check_names(config, problems)
+    _check_schedule(config, problems)
+    batches = [("eval.batch_size", config.eval.batch_size)]
+    if mode == "train":
+        batches.append(("training.batch_size", config.training.batch_size))
+        _check_training(config, problems)
+    for key, value in batches:
+        problems.call(None, datasets.check_batch_size, key, value)
+    if mode == "eval":
+        ec = config.eval
+        problems.check(ec.bpd_dataset in ("train", "test"),
+                       f"config.eval.bpd_dataset={ec.bpd_dataset!r}; valid: ['train', 'test']")
+        problems.check(ec.begin_ckpt <= ec.end_ckpt,
+                       f"config.eval.begin_ckpt={ec.begin_ckpt} > end_ckpt={ec.end_ckpt}")
+    if not problems:  # tracing the network is only meaningful for an otherwise valid config
+        _check_network(config, problems)
+    if problems:
+        raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
