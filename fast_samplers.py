@@ -83,7 +83,7 @@ def check_schedule(schedule: str) -> str:
 
 
 def _check_steps(num_steps) -> int:
-    if int(num_steps) != num_steps or int(num_steps) < 1:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
     return int(num_steps)
 
