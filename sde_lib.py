@@ -169,7 +169,7 @@ class SDE(abc.ABC):
         lo, hi = jax.lax.fori_loop(0, 64, halve, (jnp.zeros_like(lam), jnp.full_like(lam, self.T)))
         return 0.5 * (lo + hi)
 
-    # Score-model conventions (REFERENCE.md "Score-model label conventions"). The default
+    # Score-model conventions (as yang-song/score_sde models/utils.get_score_fn). The default
     # treats the network output as a noise prediction scaled by 1/std, which is valid for any
     # SDE with a Gaussian perturbation kernel.
 

@@ -20,11 +20,13 @@ Workdir layout:
 
 import datasets
 import evaluation
+import pretrained
 from run_lib import checkpoints, interrupt, logs
 from run_lib.checkpoints import DiskFullError, init_state
 from run_lib.checks import CheckpointError, ConfigError, UsageError, validate_config
 from run_lib.devices import make_mesh, to_global
 from run_lib.evaluating import evaluate, fid_stats
+from run_lib.interop import export, import_checkpoint
 from run_lib.interrupt import Interrupted
 from run_lib.steps import build_step_fns, get_sample_fn
 from run_lib.training import train
@@ -34,11 +36,13 @@ MODES = {
     "train": lambda config, workdir, eval_folder: train(config, workdir),
     "eval": evaluate,
     "fid_stats": lambda config, workdir, eval_folder: fid_stats(config, workdir),
+    "import": import_checkpoint,
+    "export": export,
 }
 
 # What main.py turns into one line: bad input (exit code 2), and runs that cannot go on (1).
 USAGE_ERRORS = (UsageError, datasets.DataError, FileNotFoundError,
-                checkpoints.ConfigMismatchError)
+                checkpoints.ConfigMismatchError, pretrained.PretrainedError)
 RUN_ERRORS = (CheckpointError, FloatingPointError, DiskFullError, evaluation.WeightFileError,
               OSError)
 
