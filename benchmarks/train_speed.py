@@ -8,6 +8,14 @@ case's own, and prints a table with the n_jitted_steps=5 / n_jitted_steps=1 rati
 
 Peak memory is the process's maximum resident set on CPU, the allocator's peak on GPU.
 The data are random (the input pipeline is not part of the figure).
+
+FLOPs per step come from XLA's cost analysis of the compiled step; the achieved FLOP/s are
+given as a fraction of the device's peak measured in the same run, in the step's compute
+precision: the best of a large matrix product, a large 3x3 convolution and that
+convolution's weight gradient (so on CPU the fraction is of what XLA's own kernels reach).
+
+  python benchmarks/train_speed.py --cases=cifar10_ncsnpp_continuous --cifar_batch=128 \
+      --precision=bfloat16                               # bf16 MFU on a GPU
 """
 
 import argparse
@@ -27,7 +35,54 @@ CASES = {
 }
 
 
-def run_case(module, batch, n_jitted, steps):
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))
+
+
+def measure_peak(precision: str, repeats: int = 5) -> dict:
+    """Best achieved FLOP/s of a large matmul, a large conv and its weight gradient."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n = 2048 if on_cpu else 8192
+    b, s, c = (8, 32, 256) if on_cpu else (128, 32, 512)
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    a = jax.random.normal(keys[0], (n, n), dtype)
+    x = jax.random.normal(keys[1], (b, s, s, c), dtype)
+    w = jax.random.normal(keys[2], (3, 3, c, c), dtype)
+    g = jax.random.normal(keys[3], (b, s, s, c), dtype)
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn,
+                                        preferred_element_type=jnp.float32)
+
+    programs = {
+        "matmul": (lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32), (a,)),
+        "conv": (conv, (x, w)),
+        "conv_weight_grad": (lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](
+            g.astype(jnp.float32))[0], (x, w, g)),
+    }
+    out = {}
+    for name, (fn, args) in programs.items():
+        compiled = jax.jit(fn).lower(*args).compile()
+        flops = _flops(compiled)
+        jax.block_until_ready(compiled(*args))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t0)
+        out[name] = flops / sorted(times)[len(times) // 2]
+    return out
+
+
+def run_case(module, batch, n_jitted, steps, precision="float32"):
     import importlib
 
     import jax
@@ -43,6 +98,8 @@ def run_case(module, batch, n_jitted, steps):
     config = importlib.import_module(module).get_config()
     config.training.batch_size = batch
     config.training.n_jitted_steps = n_jitted
+    if precision != "float32":
+        config.training.precision = precision
     mesh = run_lib.make_mesh()
     state = run_lib.init_state(config, jax.random.PRNGKey(0), NamedSharding(mesh, P()))
     sde = sde_lib.get_sde(config)
@@ -52,8 +109,12 @@ def run_case(module, batch, n_jitted, steps):
     size, channels = config.data.image_size, config.data.num_channels
     batch_data = np.random.RandomState(0).uniform(
         -1, 1, (n_jitted, batch, size, size, channels)).astype(np.float32)
-    batch_data = run_lib._to_global(batch_data, NamedSharding(mesh, P(None, "data")))
+    to_global = getattr(run_lib, "to_global", None) or run_lib._to_global
+    batch_data = to_global(batch_data, NamedSharding(mesh, P(None, "data")))
     t0 = time.time()
+    compiled = train_step.lower(state, batch_data).compile()
+    step_flops = _flops(compiled) / n_jitted
+    train_step = compiled
     state, loss = train_step(state, batch_data)
     jax.block_until_ready(loss)
     compile_s = time.time() - t0
@@ -73,7 +134,19 @@ def run_case(module, batch, n_jitted, steps):
             "devices": jax.device_count(), "batch": batch, "n_jitted_steps": n_jitted,
             "params": mutils.count_params(state.params), "compile_s": compile_s,
             "steps_per_s": steps_per_s, "images_per_s": steps_per_s * batch,
-            "peak_mib": peak / 2**20}
+            "peak_mib": peak / 2**20, "step_flops": step_flops,
+            "flops_per_s": step_flops * steps_per_s}
+
+
+def _child(spec, args):
+    out = subprocess.run([sys.executable, __file__, f"--child={spec}", f"--steps={args.steps}",
+                          f"--precision={args.precision}"], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        print(f"{spec} failed:\n{out.stderr[-2000:]}")
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main():
@@ -83,32 +156,41 @@ def main():
     parser.add_argument("--cifar_batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
     parser.add_argument("--n_jitted", default="1,5")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "peak":
+        print("RESULT " + json.dumps(measure_peak(args.precision)), flush=True)
+        return
     if args.child:
         module, batch, n_jitted = args.child.split(":")
-        print("RESULT " + json.dumps(run_case(module, int(batch), int(n_jitted), args.steps)),
-              flush=True)
+        print("RESULT " + json.dumps(run_case(module, int(batch), int(n_jitted), args.steps,
+                                              args.precision)), flush=True)
         return
+
+    peak = _child("peak", args)
+    if peak:
+        best = max(peak, key=peak.get)
+        print("peak (" + args.precision + "): " + ", ".join(
+            f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()) + f"; using {best}",
+            flush=True)
 
     rows = []
     for case in args.cases.split(","):
         batch = args.quickstart_batch if case == "quickstart" else args.cifar_batch
         for n_jitted in (int(k) for k in args.n_jitted.split(",")):
-            child = f"{CASES[case]}:{batch}:{n_jitted}"
-            out = subprocess.run([sys.executable, __file__, f"--child={child}",
-                                  f"--steps={args.steps}"], cwd=ROOT, capture_output=True,
-                                 text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-            lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not lines:
-                print(f"{child} failed:\n{out.stderr[-2000:]}")
+            row = _child(f"{CASES[case]}:{batch}:{n_jitted}", args)
+            if row is None:
                 continue
-            row = json.loads(lines[-1][len("RESULT "):])
             rows.append(row)
+            mfu = (f"  {row['step_flops'] / 1e9:8.1f} GFLOP/step  "
+                   f"{row['flops_per_s'] / 1e9:7.1f} GFLOP/s")
+            if peak:
+                mfu += f" = {100 * row['flops_per_s'] / peak[best]:5.1f}% of peak"
             print(f"{row['case']:<28} {row['platform']} x{row['devices']}  batch {row['batch']:>3}"
                   f"  n_jitted {row['n_jitted_steps']}  params {row['params']:,}  compile "
                   f"{row['compile_s']:6.1f} s  {row['steps_per_s']:7.3f} steps/s  "
-                  f"{row['images_per_s']:8.2f} img/s  peak {row['peak_mib']:7.0f} MiB",
+                  f"{row['images_per_s']:8.2f} img/s  peak {row['peak_mib']:7.0f} MiB" + mfu,
                   flush=True)
     for case in {r["case"] for r in rows}:
         by_k = {r["n_jitted_steps"]: r for r in rows if r["case"] == case}

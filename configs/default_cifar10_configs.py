@@ -30,6 +30,16 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.n_jitted_steps = 5  # optimizer steps fused in one jitted lax.scan call
     training.reduce_mean = False  # loss: mean over pixels if True, else 0.5 * sum
     training.max_ckpts_to_keep = 0  # 0 keeps every snapshot
+    # 'float32' | 'bfloat16': operands of the network's convolutions and matrix products;
+    # parameters, optimizer state, EMA and loss stay float32 (models.precision).
+    training.precision = "float32"
+    # Rematerialize every residual / attention block in the backward pass: less activation
+    # memory (for 256 / 1024 px models) for about one more forward pass of compute.
+    training.remat = False
+    # Persistent XLA compilation cache, so a restarted run loads its compiled programs:
+    # 'auto' = $SCORE_SDE_CACHE/xla, else ~/.cache/score_sde/xla; '' turns it off; any other
+    # value is the folder. JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
+    training.compile_cache_dir = "auto"
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"  # 'pc' | 'ode' | 'ddim' | 'dpm_solver' | 'heun'

@@ -21,6 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import fastgrad
+from models import precision as precision_lib
+
 
 def _nonzero(scale: float) -> float:
     return 1e-10 if scale == 0 else scale
@@ -78,19 +81,24 @@ def _ncsn_conv(x, out_planes, ksize, stride, bias, dilation, init_scale):
 
 
 def ddpm_conv1x1(x, out_planes: int, stride: int = 1, bias: bool = True, dilation: int = 1,
-                 init_scale: float = 1.0):
+                 init_scale: float = 1.0, precision: str = "float32"):
     """1x1 convolution with DDPM's initialization (default_init kernel, zero bias)."""
     return nn.Conv(out_planes, kernel_size=(1, 1), strides=(stride, stride), padding="SAME",
                    use_bias=bias, kernel_dilation=(dilation, dilation),
-                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)(x)
+                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
+                   conv_general_dilated=precision_lib.conv_fn(precision))(x)
 
 
 def ddpm_conv3x3(x, out_planes: int, stride: int = 1, bias: bool = True, dilation: int = 1,
-                 init_scale: float = 1.0):
-    """3x3 'SAME' convolution with DDPM's initialization (default_init kernel, zero bias)."""
+                 init_scale: float = 1.0, precision: str = "float32"):
+    """3x3 'SAME' convolution with DDPM's initialization (default_init kernel, zero bias).
+
+    `precision` is the products' precision (models.precision); results are float32.
+    """
     return nn.Conv(out_planes, kernel_size=(3, 3), strides=(stride, stride), padding="SAME",
                    use_bias=bias, kernel_dilation=(dilation, dilation),
-                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)(x)
+                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
+                   conv_general_dilated=precision_lib.conv_fn(precision))(x)
 
 
 conv1x1 = ddpm_conv1x1
@@ -128,28 +136,32 @@ class NIN(nn.Module):
     """Network-in-network: a per-pixel dense layer over the channel axis.
 
     Parameters W [C_in, num_units] (default_init(init_scale)) and b [num_units] (zeros).
+    The product runs in `precision` with a gradient XLA:CPU computes faster
+    (`fastgrad.channel_dense`).
     """
 
     num_units: int
     init_scale: float = 0.1
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
         w = self.param("W", default_init(self.init_scale), (x.shape[-1], self.num_units))
         b = self.param("b", nn.initializers.zeros, (self.num_units,))
-        return jnp.einsum("...c,cd->...d", x, w) + b
+        return fastgrad.channel_dense(x, w, b, self.precision)
 
 
-def spatial_self_attention(q, k, v):
+def spatial_self_attention(q, k, v, precision: str = "float32"):
     """Single-head dot-product attention over all H * W positions.
 
-    q, k, v: [B, H, W, C]. Returns [B, H, W, C]. Logits are scaled by C^-1/2.
+    q, k, v: [B, H, W, C]. Returns [B, H, W, C]. Logits are scaled by C^-1/2; the two
+    products run in `precision`, the softmax in float32.
     """
     b, h, w, c = q.shape
     q, k, v = (t.reshape(b, h * w, c) for t in (q, k, v))
-    logits = jnp.einsum("bic,bjc->bij", q, k) * (c ** -0.5)
+    logits = precision_lib.einsum("bic,bjc->bij", q, k, precision) * (c ** -0.5)
     attn = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bij,bjc->bic", attn, v).reshape(b, h, w, c)
+    return precision_lib.einsum("bij,bjc->bic", attn, v, precision).reshape(b, h, w, c)
 
 
 class AttnBlock(nn.Module):

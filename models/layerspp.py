@@ -24,11 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import layers, up_or_down_sampling
+from models import precision as precision_lib
 
 conv1x1 = layers.ddpm_conv1x1
 conv3x3 = layers.ddpm_conv3x3
 NIN = layers.NIN
 default_init = layers.default_init
+
+
+def _dense(features, precision):
+    """The time-embedding projection: Dense with default_init and products in `precision`."""
+    return nn.Dense(features, kernel_init=default_init(),
+                    dot_general=precision_lib.dot_fn(precision))
 
 
 def _group_norm(x):
@@ -75,10 +82,11 @@ class Combine(nn.Module):
     """
 
     method: str = "cat"
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x, y):
-        h = conv1x1(x, y.shape[-1])
+        h = conv1x1(x, y.shape[-1], precision=self.precision)
         if self.method == "cat":
             return jnp.concatenate([h, y], axis=-1)
         if self.method == "sum":
@@ -91,16 +99,18 @@ class AttnBlockpp(nn.Module):
 
     skip_rescale: bool = False
     init_scale: float = 0.0
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
+        p = self.precision
         h = _group_norm(x)
-        q = NIN(c)(h)
-        k = NIN(c)(h)
-        v = NIN(c)(h)
-        h = layers.spatial_self_attention(q, k, v)
-        h = NIN(c, init_scale=self.init_scale)(h)
+        q = NIN(c, precision=p)(h)
+        k = NIN(c, precision=p)(h)
+        v = NIN(c, precision=p)(h)
+        h = layers.spatial_self_attention(q, k, v, p)
+        h = NIN(c, init_scale=self.init_scale, precision=p)(h)
         return _residual_sum(x, h, self.skip_rescale)
 
 
@@ -111,6 +121,7 @@ class Upsample(nn.Module):
     with_conv: bool = False
     fir: bool = False
     fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
@@ -118,13 +129,14 @@ class Upsample(nn.Module):
         if not self.fir:
             h = up_or_down_sampling.naive_upsample_2d(x, factor=2)
             if self.with_conv:
-                h = conv3x3(h, out_ch)
+                h = conv3x3(h, out_ch, precision=self.precision)
         elif not self.with_conv:
             h = up_or_down_sampling.upsample_2d(x, self.fir_kernel, factor=2)
         else:
             h = up_or_down_sampling.Conv2d(out_ch, kernel=3, up=True,
                                            resample_kernel=tuple(self.fir_kernel),
-                                           use_bias=True, kernel_init=default_init())(x)
+                                           use_bias=True, kernel_init=default_init(),
+                                           precision=self.precision)(x)
         return h
 
 
@@ -135,13 +147,14 @@ class Downsample(nn.Module):
     with_conv: bool = False
     fir: bool = False
     fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
         out_ch = self.out_ch if self.out_ch else x.shape[-1]
         if not self.fir:
             if self.with_conv:
-                x = conv3x3(x, out_ch, stride=2)
+                x = conv3x3(x, out_ch, stride=2, precision=self.precision)
             else:
                 x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
         elif not self.with_conv:
@@ -149,7 +162,8 @@ class Downsample(nn.Module):
         else:
             x = up_or_down_sampling.Conv2d(out_ch, kernel=3, down=True,
                                            resample_kernel=tuple(self.fir_kernel),
-                                           use_bias=True, kernel_init=default_init())(x)
+                                           use_bias=True, kernel_init=default_init(),
+                                           precision=self.precision)(x)
         return x
 
 
@@ -165,20 +179,23 @@ class ResnetBlockDDPMpp(nn.Module):
     dropout: float = 0.1
     skip_rescale: bool = False
     init_scale: float = 0.0
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x, temb=None, train: bool = True):
         c = x.shape[-1]
+        p = self.precision
         out_ch = self.out_ch if self.out_ch else c
         h = self.act(_group_norm(x))
-        h = conv3x3(h, out_ch)
+        h = conv3x3(h, out_ch, precision=p)
         if temb is not None:
-            h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
+            h = h + _dense(out_ch, p)(self.act(temb))[:, None, None, :]
         h = self.act(_group_norm(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = conv3x3(h, out_ch, init_scale=self.init_scale)
+        h = conv3x3(h, out_ch, init_scale=self.init_scale, precision=p)
         if c != out_ch:
-            x = conv3x3(x, out_ch) if self.conv_shortcut else NIN(out_ch)(x)
+            x = conv3x3(x, out_ch, precision=p) if self.conv_shortcut else \
+                NIN(out_ch, precision=p)(x)
         return _residual_sum(x, h, self.skip_rescale)
 
 
@@ -197,10 +214,12 @@ class ResnetBlockBigGANpp(nn.Module):
     fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
     skip_rescale: bool = True
     init_scale: float = 0.0
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x, temb=None, train: bool = True):
         c = x.shape[-1]
+        p = self.precision
         out_ch = self.out_ch if self.out_ch else c
         h = self.act(_group_norm(x))
 
@@ -219,12 +238,12 @@ class ResnetBlockBigGANpp(nn.Module):
                 h = up_or_down_sampling.naive_downsample_2d(h, factor=2)
                 x = up_or_down_sampling.naive_downsample_2d(x, factor=2)
 
-        h = conv3x3(h, out_ch)
+        h = conv3x3(h, out_ch, precision=p)
         if temb is not None:
-            h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
+            h = h + _dense(out_ch, p)(self.act(temb))[:, None, None, :]
         h = self.act(_group_norm(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = conv3x3(h, out_ch, init_scale=self.init_scale)
+        h = conv3x3(h, out_ch, init_scale=self.init_scale, precision=p)
         if c != out_ch or self.up or self.down:
-            x = conv1x1(x, out_ch)
+            x = conv1x1(x, out_ch, precision=p)
         return _residual_sum(x, h, self.skip_rescale)

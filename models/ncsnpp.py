@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models import layers, layerspp
+from models import precision as precision_lib
 from models.utils import register_model
 
 _CHOICES = {
@@ -23,6 +24,27 @@ _CHOICES = {
     "progressive_combine": ("sum", "cat"),
     "embedding_type": ("fourier", "positional"),
 }
+
+
+def _block_factory(remat: bool):
+    """block(cls)(**fields) builds `cls` under flax's default names (cls_0, cls_1, ...),
+    rematerialized in the backward pass when `remat`: the forward pass then keeps only each
+    block's inputs (which the skip connections keep anyway) and recomputes the block's
+    inside while differentiating it. The parameter tree is the same either way."""
+    counters: dict[str, int] = {}
+
+    def block(cls, static_argnums=()):
+        # static_argnums count `self` as 0 (flax's convention).
+        lifted = nn.remat(cls, static_argnums=static_argnums) if remat else cls
+
+        def make(**fields):
+            index = counters.get(cls.__name__, 0)
+            counters[cls.__name__] = index + 1
+            return lifted(name=f"{cls.__name__}_{index}", **fields)
+
+        return make
+
+    return block
 
 
 @register_model(name="ncsnpp")
@@ -51,6 +73,11 @@ class NCSNpp(nn.Module):
       centered: inputs already in [-1, 1]; otherwise [0, 1] inputs are mapped to [-1, 1].
       sigmas: the VE noise levels from sigma_max down [num_scales]; needed only for
         scale_by_sigma with positional embeddings.
+      precision: 'float32' | 'bfloat16', the operands of convolutions and matrix products
+        (models.precision; config.training.precision).
+      remat: rematerialize every residual and attention block in the backward pass: less
+        activation memory for about one more forward pass of compute
+        (config.training.remat).
     """
 
     nf: int = 128
@@ -74,6 +101,8 @@ class NCSNpp(nn.Module):
     scale_by_sigma: bool = True
     centered: bool = False
     sigmas: tuple[float, ...] | None = None
+    precision: str = "float32"
+    remat: bool = False
 
     def _check_options(self, x):
         for key, valid in _CHOICES.items():
@@ -89,6 +118,9 @@ class NCSNpp(nn.Module):
     @nn.compact
     def __call__(self, x, time_cond, train: bool = True):
         self._check_options(x)
+        block = _block_factory(self.remat)
+        precision_lib.check_precision(self.precision)
+        p = self.precision
         act = layers.get_act(self.nonlinearity)
         nf = self.nf
         ch_mult = tuple(self.ch_mult)
@@ -122,31 +154,33 @@ class NCSNpp(nn.Module):
                 used_sigmas = sigmas[time_cond.astype(jnp.int32)]
 
         if self.conditional:
-            temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(temb)
-            temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(act(temb))
+            temb = layerspp._dense(nf * 4, p)(temb)
+            temb = layerspp._dense(nf * 4, p)(act(temb))
         else:
             temb = None
 
-        AttnBlock = functools.partial(layerspp.AttnBlockpp, init_scale=init_scale,
-                                      skip_rescale=skip_rescale)
+        AttnBlock = functools.partial(block(layerspp.AttnBlockpp), init_scale=init_scale,
+                                      skip_rescale=skip_rescale, precision=p)
         Upsample = functools.partial(layerspp.Upsample, with_conv=self.resamp_with_conv, fir=fir,
-                                     fir_kernel=fir_kernel)
+                                     fir_kernel=fir_kernel, precision=p)
         Downsample = functools.partial(layerspp.Downsample, with_conv=self.resamp_with_conv,
-                                       fir=fir, fir_kernel=fir_kernel)
+                                       fir=fir, fir_kernel=fir_kernel, precision=p)
         # output_skip pyramids resample images (no conv); residual pyramids resample features.
         pyramid_upsample = functools.partial(layerspp.Upsample, fir=fir, fir_kernel=fir_kernel,
-                                             with_conv=progressive == "residual")
+                                             with_conv=progressive == "residual", precision=p)
         pyramid_downsample = functools.partial(layerspp.Downsample, fir=fir,
                                                fir_kernel=fir_kernel,
-                                               with_conv=progressive_input == "residual")
+                                               with_conv=progressive_input == "residual",
+                                               precision=p)
         if resblock_type == "ddpm":
-            ResnetBlock = functools.partial(layerspp.ResnetBlockDDPMpp, act=act,
+            ResnetBlock = functools.partial(block(layerspp.ResnetBlockDDPMpp, (3,)), act=act,
                                             dropout=self.dropout, init_scale=init_scale,
-                                            skip_rescale=skip_rescale)
+                                            skip_rescale=skip_rescale, precision=p)
         else:
-            ResnetBlock = functools.partial(layerspp.ResnetBlockBigGANpp, act=act,
+            ResnetBlock = functools.partial(block(layerspp.ResnetBlockBigGANpp, (3,)), act=act,
                                             dropout=self.dropout, fir=fir, fir_kernel=fir_kernel,
-                                            init_scale=init_scale, skip_rescale=skip_rescale)
+                                            init_scale=init_scale, skip_rescale=skip_rescale,
+                                            precision=p)
 
         if not self.centered:
             # Data in [0, 1]: the network works on [-1, 1].
@@ -154,7 +188,7 @@ class NCSNpp(nn.Module):
 
         # Downsampling path.
         input_pyramid = x if progressive_input != "none" else None
-        hs = [layers.ddpm_conv3x3(x, nf)]
+        hs = [layers.ddpm_conv3x3(x, nf, precision=p)]
         for i_level in range(num_resolutions):
             for _ in range(num_res_blocks):
                 h = ResnetBlock(out_ch=nf * ch_mult[i_level])(hs[-1], temb, train)
@@ -170,7 +204,8 @@ class NCSNpp(nn.Module):
 
                 if progressive_input == "input_skip":
                     input_pyramid = pyramid_downsample()(input_pyramid)
-                    h = layerspp.Combine(method=combine_method)(input_pyramid, h)
+                    h = layerspp.Combine(method=combine_method, precision=p)(input_pyramid,
+                                                                             h)
                 elif progressive_input == "residual":
                     input_pyramid = pyramid_downsample(out_ch=h.shape[-1])(input_pyramid)
                     input_pyramid = layerspp._residual_sum(input_pyramid, h, skip_rescale)
@@ -197,14 +232,15 @@ class NCSNpp(nn.Module):
                 if i_level == num_resolutions - 1:
                     if progressive == "output_skip":
                         pyramid = layers.ddpm_conv3x3(act(layerspp._group_norm(h)), channels,
-                                                      init_scale=init_scale)
+                                                      init_scale=init_scale, precision=p)
                     else:
                         pyramid = layers.ddpm_conv3x3(act(layerspp._group_norm(h)),
-                                                      h.shape[-1])
+                                                      h.shape[-1], precision=p)
                 elif progressive == "output_skip":
                     pyramid = pyramid_upsample()(pyramid)
                     pyramid = pyramid + layers.ddpm_conv3x3(
-                        act(layerspp._group_norm(h)), channels, init_scale=init_scale)
+                        act(layerspp._group_norm(h)), channels, init_scale=init_scale,
+                        precision=p)
                 else:
                     pyramid = pyramid_upsample(out_ch=h.shape[-1])(pyramid)
                     pyramid = layerspp._residual_sum(pyramid, h, skip_rescale)
@@ -222,7 +258,7 @@ class NCSNpp(nn.Module):
             h = pyramid
         else:
             h = act(layerspp._group_norm(h))
-            h = layers.ddpm_conv3x3(h, channels, init_scale=init_scale)
+            h = layers.ddpm_conv3x3(h, channels, init_scale=init_scale, precision=p)
 
         if self.scale_by_sigma:
             if used_sigmas is None:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from models import precision as precision_lib
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -141,7 +143,7 @@ def downsample_2d(x, k: Sequence[float] | None = None, factor: int = 2, gain: fl
 
 
 def upsample_conv_2d(x, w, k: Sequence[float] | None = None, factor: int = 2,
-                     gain: float = 1.0):
+                     gain: float = 1.0, conv: Callable = lax.conv_general_dilated):
     """Fused `upsample_2d` followed by a 'SAME' convolution with `w` [kH, kW, Cin, Cout].
 
     A transposed convolution does the zero insertion and the convolution at once; the FIR
@@ -156,14 +158,14 @@ def upsample_conv_2d(x, w, k: Sequence[float] | None = None, factor: int = 2,
     p = (k.shape[0] - factor) - (cw - 1)
     # Stride-`factor` transposed convolution == correlation of the zero-inserted input (fully
     # padded) with the kernel; output size (H - 1) * factor + kH.
-    x = lax.conv_general_dilated(x, w.astype(x.dtype), window_strides=(1, 1),
+    x = conv(x, w.astype(x.dtype), window_strides=(1, 1),
                                  padding=[(ch - 1, ch - 1), (cw - 1, cw - 1)],
                                  lhs_dilation=(factor, factor), dimension_numbers=_NHWC)
     return upfirdn2d(x, k, pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
 
 
 def conv_downsample_2d(x, w, k: Sequence[float] | None = None, factor: int = 2,
-                       gain: float = 1.0):
+                       gain: float = 1.0, conv: Callable = lax.conv_general_dilated):
     """Fused 'SAME' convolution with `w` [kH, kW, Cin, Cout] followed by `downsample_2d`.
 
     The FIR filter runs first (padding once for both ops), then a stride-`factor` 'VALID'
@@ -176,7 +178,7 @@ def conv_downsample_2d(x, w, k: Sequence[float] | None = None, factor: int = 2,
     k = setup_kernel([1] * factor if k is None else k) * gain
     p = (k.shape[0] - factor) + (cw - 1)
     x = upfirdn2d(x, k, pad=((p + 1) // 2, p // 2))
-    return lax.conv_general_dilated(x, w.astype(x.dtype), window_strides=(factor, factor),
+    return conv(x, w.astype(x.dtype), window_strides=(factor, factor),
                                     padding="VALID", dimension_numbers=_NHWC)
 
 
@@ -212,6 +214,7 @@ class Conv2d(nn.Module):
     resample_kernel: tuple[int, ...] = (1, 3, 3, 1)
     use_bias: bool = True
     kernel_init: Callable | None = None
+    precision: str = "float32"  # of the convolution's products (models.precision)
 
     @nn.compact
     def __call__(self, x):
@@ -221,12 +224,13 @@ class Conv2d(nn.Module):
             raise ValueError(f"Conv2d kernel size must be odd and positive, got {self.kernel}.")
         init = self.kernel_init or nn.initializers.lecun_normal()
         w = self.param("kernel", init, (self.kernel, self.kernel, x.shape[-1], self.fmaps))
+        conv = precision_lib.conv_fn(self.precision)
         if self.up:
-            x = upsample_conv_2d(x, w, k=self.resample_kernel)
+            x = upsample_conv_2d(x, w, k=self.resample_kernel, conv=conv)
         elif self.down:
-            x = conv_downsample_2d(x, w, k=self.resample_kernel)
+            x = conv_downsample_2d(x, w, k=self.resample_kernel, conv=conv)
         else:
-            x = lax.conv_general_dilated(x, w.astype(x.dtype), window_strides=(1, 1),
+            x = conv(x, w.astype(x.dtype), window_strides=(1, 1),
                                          padding="SAME", dimension_numbers=_NHWC)
         if self.use_bias:
             b = self.param("bias", nn.initializers.zeros, (self.fmaps,))

@@ -79,6 +79,9 @@ _FIELD_KEYS = {
     "image_size": ("data.image_size",),
     "num_channels": ("data.num_channels",),
     "num_outputs": ("model.num_outputs", "model.num_classes"),
+    # Compute settings of a run, read by the networks that implement them.
+    "precision": ("training.precision",),
+    "remat": ("training.remat",),
 }
 
 # Fields computed from several config keys: name -> (keys, function of the config).
@@ -143,7 +146,25 @@ def model_kwargs(config) -> dict[str, Any]:
             raise ValueError(f"Model {name!r} ({cls.__name__}) needs field {field.name!r}, "
                              f"but the config has none of {list(keys)}.")
     _check_consistency(name, cls, kwargs, config)
+    _check_run_settings(name, cls, config)
     return kwargs
+
+
+# Run settings (config.training) that only some networks implement, and their neutral values.
+_RUN_SETTINGS = {"precision": "float32", "remat": False}
+
+
+def _check_run_settings(name: str, cls, config) -> None:
+    """Refuses a non-default precision / remat for a network that would silently ignore it."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key, neutral in _RUN_SETTINGS.items():
+        value = _lookup(config, f"training.{key}")
+        if value is not _MISSING and value != neutral and key not in fields:
+            having = sorted(n for n, c in _MODELS.items()
+                            if key in {f.name for f in dataclasses.fields(c)})
+            raise ValueError(f"config.training.{key}={value!r} is not implemented by model "
+                             f"{name!r}; models that implement it: {having}. Use "
+                             f"{neutral!r}.")
 
 
 def _check_consistency(name: str, cls, kwargs: dict, config) -> None:

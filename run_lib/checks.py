@@ -7,7 +7,9 @@ import datasets
 import fast_samplers
 import ode
 import sampling
+from models import precision
 from models import utils as mutils
+from run_lib import runtime
 
 SDE_NAMES = ("vesde", "vpsde", "subvpsde")
 
@@ -56,6 +58,10 @@ def _check_names(config, problems):
         problems.call("config.sampling.corrector", sampling.get_corrector,
                       config.sampling.corrector)
     problems.call("config.sampling.ode_method", ode.canonical_method, config.sampling.ode_method)
+    problems.call("config.training.precision", precision.check_precision,
+                  config.training.precision)
+    if config.model.name in mutils.registered_models():
+        problems.call(None, mutils.model_kwargs, config)
     if config.sampling.method in fast_samplers.DEFAULT_SCHEDULES:
         _check_few_step(config.sampling, problems)
 
@@ -130,6 +136,8 @@ def prepare(config, mode: str):
     reference-format config lacks (`configs.complete`), then validated."""
     config = configs.complete(config)
     validate_config(config, mode)
+    # Before anything compiles: later runs of the same programs load them from the cache.
+    runtime.setup_compile_cache(config.training.compile_cache_dir)
     return config
 
 

@@ -12,6 +12,7 @@ import ode
 import sampling
 import sde_lib
 from models import utils as mutils
+from run_lib import runtime
 from run_lib.devices import batch_sharded, replicated
 
 
@@ -49,7 +50,8 @@ def build_step_fns(config, sde, model, optimizer, mesh):
     train_step = None if optimizer is None else jax.jit(
         losses.get_step_fn(sde, model, True, optimizer, ema_rate=config.model.ema_rate,
                            **kwargs),
-        in_shardings=(rep, batches), out_shardings=(rep, rep), donate_argnums=0)
+        in_shardings=(rep, batches), out_shardings=(rep, rep), donate_argnums=0,
+        compiler_options=runtime.compiler_options())
     eval_step = losses.get_step_fn(sde, model, False, **kwargs)
 
     def eval_losses(state, batch, index):

@@ -26,7 +26,7 @@ import datasets
 import losses
 from evaluation import images_to_uint8
 from models import utils as mutils
-from run_lib import checkpoints, faults, files, logs
+from run_lib import checkpoints, faults, files, logs, runtime
 from run_lib.checks import prepare
 from run_lib.devices import batch_sharded, gather, make_mesh, replicated, to_global
 from run_lib.interrupt import Interrupted, interrupted
@@ -95,6 +95,7 @@ def train(config, workdir: str) -> None:
         config, uniform_dequantization=config.data.uniform_dequantization)
     train_iter, eval_iter = iter(train_ds), iter(eval_ds)
     state = _initial_state(config, workdir, meta, train_iter, replicated(mesh))
+    runtime.release_host_memory()  # what initialization and restoring freed
     # Only now, with the checkpoint known to match, does the run record its config.
     files.save_config(config, workdir)
     logs.log_to_file(workdir)
@@ -131,6 +132,7 @@ def _loop(run, state, train_step, eval_losses, eval_iter, stacked):
         return to_global(scaler(iterator.get_next()["image"].numpy()), stacked)
 
     step, total = int(state.step), tc.n_iters
+    first_step = step
     throughput = logs.Throughput(step, total)
     while step < total:
         if interrupted():
@@ -138,6 +140,8 @@ def _loop(run, state, train_step, eval_losses, eval_iter, stacked):
                               f"{run.meta.latest_step()} in {run.meta.directory}. Run the same "
                               "command again to resume.")
         state, step_losses = train_step(state, next_batch(run.train_iter))
+        if step == first_step:
+            runtime.release_host_memory()  # the compiler's freed working memory
         step += tc.n_jitted_steps
         at_end = step >= total
         snapshot = step % tc.snapshot_freq == 0 or at_end

@@ -1,0 +1,57 @@
+"""The project's train step (losses.get_step_fn, jitted with the state donated and the
+compiler options run_lib uses) on random data, for the benchmarks.
+
+It is built from the library modules alone: importing run_lib imports the input pipeline and
+with it TensorFlow (about 450 MB resident), which a train step does not use; on one device
+run_lib's mesh sharding compiles to the same program.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import numpy as np
+
+import losses
+import sde_lib
+from models import utils as mutils
+
+
+def _load_runtime():
+    # run_lib/runtime.py depends on jax alone; loading it by path skips run_lib/__init__.py
+    # and the TensorFlow import that comes with it.
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "run_lib", "runtime.py")
+    spec = importlib.util.spec_from_file_location("_score_sde_runtime", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+runtime = _load_runtime()
+
+
+def build(config, seed: int = 0):
+    """(train_step, state, batch [n_jitted, B, H, W, C], model) for `config`.
+
+    train_step(state, batch) -> (state, losses) donates the state, as in training.
+    """
+    tc = config.training
+    sde = sde_lib.get_sde(config)
+    model = mutils.create_model(config)
+    optimizer = losses.get_optimizer(config)
+    init = jax.jit(lambda key: losses.init_train_state(key, config)[1])
+    state = init(jax.random.PRNGKey(seed))
+    step = jax.jit(losses.get_step_fn(sde, model, True, optimizer, reduce_mean=tc.reduce_mean,
+                                      continuous=tc.continuous,
+                                      likelihood_weighting=tc.likelihood_weighting,
+                                      ema_rate=config.model.ema_rate),
+                   donate_argnums=0, compiler_options=runtime.compiler_options())
+    n, b = tc.n_jitted_steps, tc.batch_size
+    size, ch = config.data.image_size, config.data.num_channels
+    data = np.random.RandomState(seed).uniform(0, 1, (n, b, size, size, ch)).astype(np.float32)
+    jax.block_until_ready(state)
+    runtime.release_host_memory()
+    return step, state, jax.device_put(data), model

@@ -1,0 +1,63 @@
+"""Process-wide JAX setup of a run: the persistent compilation cache and the CPU compiler
+options of the big programs.
+
+The persistent cache stores every compiled program that took at least a second to compile
+under `config.training.compile_cache_dir` (default `$SCORE_SDE_CACHE/xla`, else
+`~/.cache/score_sde/xla`), keyed by the program, the jax/jaxlib versions, the device and the
+XLA flags; a restarted or resumed run loads its train step, sampler and initializer instead of
+compiling them again. '' turns the cache off; the JAX_COMPILATION_CACHE_DIR environment
+variable, when set, takes precedence (as in JAX itself).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import jax
+
+
+def default_compile_cache_dir() -> str:
+    """$SCORE_SDE_CACHE/xla, else ~/.cache/score_sde/xla."""
+    root = os.environ.get("SCORE_SDE_CACHE") or os.path.join(os.path.expanduser("~"),
+                                                             ".cache", "score_sde")
+    return os.path.join(root, "xla")
+
+
+def setup_compile_cache(cache_dir: str | None, min_compile_time_secs: float = 1.0) -> str:
+    """Turns JAX's persistent compilation cache on in `cache_dir` ('' or None: off; 'auto':
+    default_compile_cache_dir()).
+
+    Returns the directory in use ('' when off). Call before the first compilation.
+    """
+    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if env:
+        cache_dir = env
+    if not cache_dir:
+        return ""
+    if cache_dir == "auto":
+        cache_dir = default_compile_cache_dir()
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)
+    return cache_dir
+
+
+# XLA:CPU's memory-optimized scheduler: 27% less temporary memory for the NCSN++ train step
+# (1273 -> 928 MiB at batch 8) at the same speed; its default scheduler keeps more buffers live
+# so that independent operations can run concurrently, which two cores cannot exploit.
+CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def compiler_options() -> dict | None:
+    """Compiler options for the large jitted programs on the default backend."""
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
+def release_host_memory() -> None:
+    """Returns freed heap pages to the OS (glibc keeps them; XLA's compiler frees gigabytes)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -1,0 +1,255 @@
+"""Performance features: compute precision, the persistent compilation cache, rematerialization
+and the fast gradient formulations, each checked against the plain float32 computation."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import losses
+import sde_lib
+from configs import tiny_test
+from models import fastgrad, precision
+from models import utils as mutils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _bf16_round(x):
+    return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+def test_bfloat16_products_round_operands_and_accumulate_in_float32():
+    rng = np.random.RandomState(0)
+    x = rng.randn(2, 6, 6, 5).astype(np.float32)
+    w = rng.randn(3, 3, 5, 4).astype(np.float32)
+    a, b = rng.randn(7, 5).astype(np.float32), rng.randn(5, 3).astype(np.float32)
+    conv = precision.conv_fn("bfloat16")(x, w, (1, 1), "SAME", dimension_numbers=DN)
+    dot = precision.dot_fn("bfloat16")(a, b, (((1,), (0,)), ((), ())))
+    ein = precision.einsum("ij,jk->ik", a, b, "bfloat16")
+    assert conv.dtype == dot.dtype == ein.dtype == jnp.float32
+    # Exactly the float32 products of the bf16-rounded operands (bf16 x bf16 is exact in f32).
+    want_conv = lax.conv_general_dilated(_bf16_round(x), _bf16_round(w), (1, 1), "SAME",
+                                         dimension_numbers=DN,
+                                         precision=lax.Precision.HIGHEST)
+    want_dot = _bf16_round(a).astype(np.float64) @ _bf16_round(b).astype(np.float64)
+    np.testing.assert_allclose(conv, want_conv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dot, want_dot, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ein, want_dot, rtol=1e-5, atol=1e-5)
+    # ... and not the float32 products of the unrounded ones.
+    assert np.max(np.abs(np.asarray(dot) - a.astype(np.float64) @ b)) > 1e-3
+
+
+def test_float32_precision_is_the_plain_computation():
+    assert precision.conv_fn("float32") is lax.conv_general_dilated
+    assert precision.dot_fn("float32") is lax.dot_general
+
+
+@pytest.mark.parametrize("bad", ["float16", "bf16", "fp32", ""])
+def test_unknown_precision_names_the_choices(bad):
+    with pytest.raises(ValueError, match=r"bfloat16.*float32"):
+        precision.check_precision(bad)
+
+
+def test_bfloat16_gradients_flow_in_float32():
+    w = jnp.ones((3, 3, 2, 2))
+    x = jnp.linspace(-1, 1, 2 * 4 * 4 * 2).reshape(2, 4, 4, 2)
+    conv = precision.conv_fn("bfloat16")
+    g = jax.grad(lambda w: jnp.sum(conv(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2))(w)
+    assert g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
+
+# ---------------------------------------------------------------------------------------
+# Persistent compilation cache
+
+_CACHE_CHILD = r"""
+import importlib.util, os, sys, jax, jax.numpy as jnp
+# run_lib/runtime.py alone (run_lib/__init__ would import TensorFlow, seconds per process).
+spec = importlib.util.spec_from_file_location("runtime", os.path.join("run_lib", "runtime.py"))
+runtime = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runtime)
+HIT = "/jax/compilation_cache/cache_hits"
+hits = []
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event == HIT))
+used = runtime.setup_compile_cache(sys.argv[1], min_compile_time_secs=0.0)
+from configs import tiny_test
+from models import utils as mutils
+config = tiny_test.get_config()
+model = mutils.create_model(config)
+params = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, 0.01, s.dtype),
+                                mutils.param_shapes(config))
+x = jnp.zeros((2, 28, 28, 1)); t = jnp.ones((2,))
+jax.block_until_ready(jax.jit(lambda p: model.apply({"params": p}, x, t, train=False))(params))
+print("RESULT", used, sum(hits), len(os.listdir(used)))
+"""
+
+
+def _cache_child(cache_dir):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", _CACHE_CHILD, cache_dir], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")][-1].split()
+    return line[1], int(line[2]), int(line[3])
+
+
+def test_a_second_process_loads_its_programs_from_the_compile_cache(tmp_path):
+    cache = str(tmp_path / "xla")
+    used, hits, entries = _cache_child(cache)
+    assert used == cache and hits == 0 and entries > 0
+    used, hits2, entries2 = _cache_child(cache)
+    # Every program of the second process came from the cache: hits, and nothing new written.
+    assert hits2 >= entries and entries2 == entries
+
+
+# ---------------------------------------------------------------------------------------
+# The network's gradient against plain autodiff; bf16; remat
+
+
+def _small_ncsnpp():
+    """A small NCSN++ with FIR resampling, attention, dropout and the residual input pyramid."""
+    config = tiny_test.get_config()
+    config.data.image_size = 8
+    config.training.batch_size = 16
+    config.model.update(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                        dropout=0.1, fir=True, progressive_input="residual")
+    return config
+
+
+CONFIGS = {"tiny": tiny_test.get_config, "small_fir_attention": _small_ncsnpp}
+# Tests compare programs, not their speed: XLA's cheap optimization level compiles in a
+# fraction of the time. The memory-optimized scheduler is what run_lib uses on CPU.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+_RESULTS, _TEMP_BYTES = {}, {}
+
+
+def _init(config):
+    """(model, states, params) as init_model gives them, compiled cheaply."""
+    model = mutils.create_model(config)
+    size, ch = config.data.image_size, config.data.num_channels
+    x, t = jnp.zeros((1, size, size, ch)), jnp.ones((1,))
+    init = jax.jit(lambda key: model.init(key, x, t, train=False))
+    key = jax.random.PRNGKey(0)
+    variables = dict(init.lower(key).compile(FAST_COMPILE)(key))
+    params = variables.pop("params")
+    return model, variables, params
+
+
+def _loss_and_grad(name, precision="float32", remat=False, plain=False):
+    """The continuous VE training loss of the network of CONFIGS[name] and its gradient
+    (with `plain`, channel_dense's gradient is plain autodiff's)."""
+    key = (name, precision, remat, plain)
+    if key in _RESULTS:
+        return _RESULTS[key]
+    config = CONFIGS[name]()
+    config.training.precision, config.training.remat = precision, remat
+    model, states, params = _init(config)
+    sde = sde_lib.get_sde(config)
+    loss_fn = losses.get_loss_fn(sde, model, train=True, reduce_mean=False, continuous=True)
+    size, ch = config.data.image_size, config.data.num_channels
+    batch = jax.random.uniform(jax.random.PRNGKey(1), (config.training.batch_size, size, size,
+                                                       ch))
+    fn = jax.value_and_grad(lambda p: loss_fn(jax.random.PRNGKey(2), p, states, batch)[0])
+    original = fastgrad.channel_dense
+    if plain:
+        fastgrad.channel_dense = _plain_channel_dense
+    try:
+        compiled = jax.jit(fn).lower(params).compile(FAST_COMPILE)
+    finally:
+        fastgrad.channel_dense = original
+    _RESULTS[key] = compiled(params)
+    _TEMP_BYTES[key] = compiled.memory_analysis().temp_size_in_bytes
+    return _RESULTS[key]
+
+
+def _relative_error(a, b):
+    """||a - b|| / ||a|| over a whole pytree."""
+    pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    diff = sum(float(jnp.sum((x - y) ** 2)) for x, y in pairs)
+    norm = sum(float(jnp.sum(x ** 2)) for x in jax.tree_util.tree_leaves(a))
+    return (diff / norm) ** 0.5
+
+
+def _plain_channel_dense(x, w, b, precision="float32"):
+    return jnp.einsum("...c,cd->...d", x, w) + b
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_float32_gradient_equals_plain_autodiff(name):
+    loss, grad = _loss_and_grad(name)
+    plain_loss, plain_grad = _loss_and_grad(name, plain=True)
+    assert float(loss) == pytest.approx(float(plain_loss), rel=1e-6)
+    assert _relative_error(plain_grad, grad) < 1e-5
+    # The comparison is not vacuous: the attention projections have gradients.
+    flat = jax.tree_util.tree_leaves_with_path(grad)
+    nin = [v for path, v in flat if "NIN" in jax.tree_util.keystr(path)]
+    assert nin and all(float(jnp.max(jnp.abs(v))) > 0 for v in nin)
+
+
+def test_bfloat16_matches_float32_on_the_tiny_config():
+    loss32, grad32 = _loss_and_grad("tiny")
+    loss16, grad16 = _loss_and_grad("tiny", precision="bfloat16")
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grad16))
+    # bf16 operands carry 8 significant bits (relative rounding 2^-9, 0.2%); the stated
+    # tolerance: 1% on the loss, 5% on the gradient as a whole.
+    assert float(loss16) == pytest.approx(float(loss32), rel=1e-2)
+    assert 1e-5 < _relative_error(grad32, grad16) < 5e-2  # bf16 is in use, yet close
+
+
+def test_remat_same_gradient_less_memory():
+    loss, grad = _loss_and_grad("small_fir_attention")
+    remat_loss, remat_grad = _loss_and_grad("small_fir_attention", remat=True)
+    assert float(remat_loss) == pytest.approx(float(loss), rel=1e-6)
+    assert _relative_error(grad, remat_grad) < 1e-5
+
+    # What it trades: XLA's temporary buffers of the same program, with and without remat.
+    temp, remat_temp = (_TEMP_BYTES[("small_fir_attention", "float32", r, False)]
+                        for r in (False, True))
+    assert remat_temp < 0.95 * temp  # measured: 11% less (3.36 vs 3.78 MB)
+
+
+def test_unsupported_run_settings_are_refused():
+    config = tiny_test.get_config()
+    config.training.precision = "float16"
+    with pytest.raises(ValueError, match="float16"):
+        mutils.init_model(jax.random.PRNGKey(0), config)
+    from configs.vp.ddpm import cifar10 as ddpm_cifar10
+
+    config = ddpm_cifar10.get_config()
+    config.training.precision = "bfloat16"
+    with pytest.raises(ValueError, match=r"precision='bfloat16'.*'ncsnpp'"):
+        mutils.create_model(config)
+
+
+def test_no_random_bits_without_dropout():
+    config = tiny_test.get_config()
+    x, t = jnp.zeros((2, 28, 28, 1)), jnp.ones((2,))
+
+    def jaxpr(dropout):
+        config.model.dropout = dropout
+        model, params = mutils.create_model(config), mutils.param_shapes(config)
+        return str(jax.make_jaxpr(lambda p: model.apply(
+            {"params": p}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(0)}))(params))
+
+    assert "random_bits" not in jaxpr(0.0) and "threefry" not in jaxpr(0.0)
+    assert "random_bits" in jaxpr(0.1) or "threefry" in jaxpr(0.1)
+
+
+def test_channel_dense_forward_mode_equals_plain():
+    """The likelihood's divergence (and any jax.jvp through a network) uses forward mode."""
+    kx, kw, kt = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(kx, (2, 4, 4, 6))
+    w, b = jax.random.normal(kw, (6, 5)), jnp.arange(5.0)
+    tangent = jax.random.normal(kt, x.shape)
+    out, jvp = jax.jvp(lambda v: fastgrad.channel_dense(v, w, b), (x,), (tangent,))
+    plain_out, plain_jvp = jax.jvp(lambda v: _plain_channel_dense(v, w, b), (x,), (tangent,))
+    np.testing.assert_allclose(out, plain_out, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jvp, plain_jvp, rtol=1e-6, atol=1e-6)
