@@ -431,7 +431,15 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
     """Builds the sampler named by `config.sampling.method` (see `register_sampler`).
 
     'pc' reads config.sampling.{predictor, corrector, snr, n_steps_each, noise_removal,
-    probability_flow}; 'ode' reads {noise_removal, ode_method, ode_rtol, ode_atol}.
+    probability_flow}; 'ode' reads {noise_removal, ode_method, ode_rtol, ode_atol}; the
+    few-step samplers of `fast_samplers` ('ddim', 'dpm_solver', 'heun') read {num_steps,
+    schedule, rho, eta, order, churn, noise_removal}.
     """
     return get_sampler(config.sampling.method.lower())(config, sde, tuple(shape), inverse_scaler,
                                                        eps)
+
+
+# The few-step samplers live beside this module and register themselves with
+# `register_sampler`. Imported last, once everything they use from here exists, so that
+# `get_sampling_fn` always sees them and either module may be imported first.
+import fast_samplers  # noqa: E402, F401

@@ -29,6 +29,11 @@ def batch_mul(a, b):
     return a * b
 
 
+def _as_float(x) -> jax.Array:
+    """x as a float array: float dtypes are kept, anything else becomes the default float."""
+    return jnp.asarray(x, jnp.result_type(x, float))
+
+
 def _sum_except_batch(x):
     return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
 
@@ -125,6 +130,45 @@ class SDE(abc.ABC):
     def has_ancestral_update(self) -> bool:
         return type(self).ancestral_update is not SDE.ancestral_update
 
+    # The Gaussian marginal x_t = alpha(t) x_0 + sigma(t) z that the few-step samplers
+    # (fast_samplers.py) are written against. Derived from `marginal_prob`, so any SDE with a
+    # Gaussian perturbation kernel has them; subclasses add closed forms for speed/accuracy.
+
+    def marginal_coefficients(self, t):
+        """(alpha(t), sigma(t)) of p_t(x | x0) = N(alpha x0, sigma^2 I), each shaped like t."""
+        t = _as_float(t)
+        flat = t.reshape(-1)
+        mean, std = self.marginal_prob(jnp.ones((flat.shape[0], 1), flat.dtype), flat)
+        alpha = jnp.broadcast_to(mean[:, 0], flat.shape)
+        sigma = jnp.broadcast_to(std, flat.shape)
+        return alpha.reshape(t.shape), sigma.reshape(t.shape)
+
+    def half_log_snr(self, t):
+        """lambda(t) = log(alpha(t) / sigma(t)) (DPM-Solver's time variable), shaped like t.
+
+        Must decrease strictly in t for the few-step samplers; exp(-lambda) = sigma / alpha is
+        the noise level of EDM (Karras et al. 2022) for the rescaled variable x / alpha.
+        """
+        alpha, sigma = self.marginal_coefficients(t)
+        return jnp.log(alpha) - jnp.log(sigma)
+
+    def t_from_half_log_snr(self, lam):
+        """The time t in [0, T] with half_log_snr(t) = lam, shaped like lam.
+
+        Bisection (valid for any strictly decreasing lambda; 64 halvings reach float32
+        resolution); VE, VP and sub-VP override it with closed forms.
+        """
+        lam = _as_float(lam)
+
+        def halve(_, bounds):
+            lo, hi = bounds
+            mid = 0.5 * (lo + hi)
+            above = self.half_log_snr(mid) > lam  # lambda decreases: the root lies later
+            return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, 64, halve, (jnp.zeros_like(lam), jnp.full_like(lam, self.T)))
+        return 0.5 * (lo + hi)
+
     # Score-model conventions (as yang-song/score_sde models/utils.get_score_fn). The default
     # treats the network output as a noise prediction scaled by 1/std, which is valid for any
     # SDE with a Gaussian perturbation kernel.
@@ -199,6 +243,15 @@ def _standard_normal_logp(z):
     return -D / 2.0 * jnp.log(2 * jnp.pi) - _sum_except_batch(z**2) / 2.0
 
 
+def _t_from_log_mean_coeff(beta_0: float, beta_1: float, m):
+    """Solves m = -t^2 (beta_1 - beta_0) / 4 - t beta_0 / 2 (m <= 0) for t >= 0.
+
+    Written as 4 (-m) / (beta_0 + sqrt(beta_0^2 + 4 (beta_1 - beta_0) (-m))) to avoid the
+    cancellation of the textbook root near t = 0.
+    """
+    return 4.0 * -m / (beta_0 + jnp.sqrt(beta_0**2 + 4.0 * (beta_1 - beta_0) * -m))
+
+
 class VPSDE(SDE):
     """Variance-preserving SDE, the continuous limit of DDPM (Eq. 11)."""
 
@@ -236,6 +289,11 @@ class VPSDE(SDE):
         mean = batch_mul(jnp.exp(log_mean_coeff), x)
         std = jnp.sqrt(1.0 - jnp.exp(2.0 * log_mean_coeff))
         return mean, std
+
+    def t_from_half_log_snr(self, lam):
+        # alpha^2 = e^{2m} and sigma^2 = 1 - e^{2m}, so e^{2m} = sigmoid(2 lambda).
+        m = -0.5 * jax.nn.softplus(-2.0 * _as_float(lam))
+        return _t_from_log_mean_coeff(self.beta_0, self.beta_1, m)
 
     def prior_sampling(self, rng, shape):
         return jax.random.normal(rng, shape)
@@ -306,6 +364,13 @@ class subVPSDE(SDE):
         std = 1.0 - jnp.exp(2.0 * log_mean_coeff)
         return mean, std
 
+    def t_from_half_log_snr(self, lam):
+        # e^lambda = u / (1 - u^2) with u = e^m, so 1/u = (e^{-lambda} + sqrt(e^{-2 lambda} + 4))
+        # / 2; -m = log(1/u) is formed as log1p(1/u - 1) so small t keeps its precision.
+        e = jnp.exp(-_as_float(lam))
+        m = -jnp.log1p(0.5 * (e + e**2 / (jnp.sqrt(e**2 + 4.0) + 2.0)))
+        return _t_from_log_mean_coeff(self.beta_0, self.beta_1, m)
+
     def prior_sampling(self, rng, shape):
         return jax.random.normal(rng, shape)
 
@@ -356,6 +421,11 @@ class VESDE(SDE):
 
     def marginal_prob(self, x, t):
         return x, self.sigma(t)
+
+    def t_from_half_log_snr(self, lam):
+        # lambda = -log sigma(t) = -log sigma_min - t log(sigma_max / sigma_min).
+        lam = _as_float(lam)
+        return (-lam - np.log(self.sigma_min)) / np.log(self.sigma_max / self.sigma_min)
 
     def prior_sampling(self, rng, shape):
         return jax.random.normal(rng, shape) * self.sigma_max

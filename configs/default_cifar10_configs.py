@@ -42,7 +42,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.compile_cache_dir = "auto"
 
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = "pc"  # 'pc' | 'ode'
+    sampling.method = "pc"  # 'pc' | 'ode' | 'ddim' | 'dpm_solver' | 'heun'
     sampling.predictor = "reverse_diffusion"
     sampling.corrector = "langevin"
     sampling.n_steps_each = 1  # corrector steps per noise level
@@ -52,6 +52,13 @@ def get_default_configs() -> ml_collections.ConfigDict:
     sampling.ode_method = "dopri5"  # 'dopri5' (on device, diffrax) | 'scipy_rk45' (paper)
     sampling.ode_rtol = 1e-5
     sampling.ode_atol = 1e-5
+    # Few-step samplers (fast_samplers.py; 'noise_removal' adds a final x0 prediction, 1 NFE).
+    sampling.num_steps = 20  # steps from T to eps: NFE = num_steps ('heun': 2 num_steps)
+    sampling.schedule = "default"  # 'logsnr' | 'time_uniform' | 'time_quadratic' | 'karras'
+    sampling.rho = 7.0  # exponent of the 'karras' schedule (EDM)
+    sampling.order = 2  # 'dpm_solver': 1, 2 (DPM-Solver++ 2M) or 3 (3M)
+    sampling.eta = 0.0  # 'ddim': 0 deterministic, 1 DDPM-like noise
+    sampling.churn = 0.0  # 'heun': EDM's S_churn (0 = deterministic)
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.begin_ckpt = 9

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configs
 import datasets
+import fast_samplers
 import ode
 import sampling
 from models import precision
@@ -61,6 +62,24 @@ def _check_names(config, problems):
                   config.training.precision)
     if config.model.name in mutils.registered_models():
         problems.call(None, mutils.model_kwargs, config)
+    if config.sampling.method in fast_samplers.DEFAULT_SCHEDULES:
+        _check_few_step(config.sampling, problems)
+
+
+def _check_few_step(sc, problems):
+    """Settings of the few-step samplers ('ddim', 'dpm_solver', 'heun')."""
+    problems.check(isinstance(sc.num_steps, int) and sc.num_steps >= 1,
+                   f"config.sampling.num_steps={sc.num_steps!r} must be an integer >= 1")
+    if sc.schedule != "default":
+        problems.call("config.sampling.schedule", fast_samplers.check_schedule, sc.schedule)
+    problems.check(sc.rho > 0, f"config.sampling.rho={sc.rho} must be > 0")
+    if sc.method == "dpm_solver":
+        problems.check(sc.order in (1, 2, 3),
+                       f"config.sampling.order={sc.order!r}; valid: [1, 2, 3]")
+    if sc.method == "ddim":
+        problems.check(0 <= sc.eta <= 1, f"config.sampling.eta={sc.eta} must lie in [0, 1]")
+    if sc.method == "heun":
+        problems.check(sc.churn >= 0, f"config.sampling.churn={sc.churn} must be >= 0")
 
 
 def _check_schedule(config, problems):

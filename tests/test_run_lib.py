@@ -241,3 +241,31 @@ def test_sharded_steps_agree_across_devices_and_processes():
                                    atol=1e-7)
         np.testing.assert_allclose(got["first_leaf"], reference["first_leaf"], rtol=1e-4,
                                    atol=1e-6)
+
+
+def test_few_step_sampler_settings_are_validated_then_sample_through_run_lib():
+    config = tiny_test.get_config()
+    config.sampling.method = "dpm_solver"
+    config.sampling.order = 4
+    config.sampling.num_steps = 0
+    config.sampling.schedule = "cosine"
+    with pytest.raises(run_lib.ConfigError) as err:
+        run_lib.validate_config(config, "eval")
+    message = str(err.value)
+    assert "config.sampling.order=4; valid: [1, 2, 3]" in message
+    assert "config.sampling.num_steps=0 must be an integer >= 1" in message
+    assert "Unknown time schedule 'cosine'; valid: ['logsnr'" in message
+    config.sampling.order, config.sampling.num_steps, config.sampling.schedule = 3, 3, "default"
+    run_lib.validate_config(config, "eval")
+    # The program --mode=eval and the snapshot grids run, on an untrained tiny network.
+    import jax
+
+    from models import utils as mutils
+    from run_lib import steps
+
+    sde, model = steps.build(config)
+    _, model_state, params = mutils.init_model(jax.random.key(0), config)
+    sample = steps.get_sample_fn(config, sde, model, (2, 28, 28, 1), run_lib.make_mesh())
+    images, nfe = sample(jax.random.key(1), params, model_state)
+    assert images.shape == (2, 28, 28, 1) and int(nfe) == 3 + config.sampling.noise_removal
+    assert np.all(np.isfinite(np.asarray(images)))

@@ -231,3 +231,24 @@ def test_reference_style_custom_predictor_runs_under_jit(name):
     assert np.all(np.isfinite(np.asarray(custom)))
     # The same chain as the built-in ancestral predictor (same draws, same arithmetic).
     np.testing.assert_allclose(custom, builtin, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SDES))
+def test_gaussian_marginal_and_half_log_snr_inverse(name):
+    sde = SDES[name]()
+    with jax.enable_x64(True):  # float64, so that the inverse is checked to 1e-9
+        t = jnp.asarray(np.geomspace(1e-4, 1.0, 40))
+        alpha, sigma = sde.marginal_coefficients(t)
+        mean, std = sde.marginal_prob(jnp.ones((40, 3)), t)
+        np.testing.assert_allclose(alpha, mean[:, 0], rtol=1e-12)
+        np.testing.assert_allclose(sigma, std, rtol=1e-12)
+        lam = sde.half_log_snr(t)
+        np.testing.assert_allclose(lam, np.log(np.asarray(alpha) / np.asarray(sigma)), rtol=1e-12)
+        assert np.all(np.diff(np.asarray(lam)) < 0)
+        # The closed form (VE, VP, sub-VP) and the generic bisection both invert lambda.
+        assert type(sde).t_from_half_log_snr is not sde_lib.SDE.t_from_half_log_snr
+        np.testing.assert_allclose(sde.t_from_half_log_snr(lam), t, rtol=1e-9)
+        np.testing.assert_allclose(sde_lib.SDE.t_from_half_log_snr(sde, lam), t, rtol=1e-9)
+    # In float32 the round trip is as good as lambda's own rounding allows.
+    t = jnp.asarray(np.linspace(0.01, 1.0, 30), jnp.float32)
+    np.testing.assert_allclose(sde.t_from_half_log_snr(sde.half_log_snr(t)), t, rtol=1e-4)
