@@ -14,6 +14,7 @@ settings stops rather than mixing results (raising sample.num_samples later just
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import math
 import os
@@ -119,6 +120,8 @@ def run_batches(folder: str, n_batches: int, produce, settings: dict, desc: str,
     batches concatenated along the first axis."""
     bdir = os.path.join(folder, "batches")
     _check_settings(bdir, settings)
+    for leftover in glob.glob(os.path.join(bdir, "*.tmp-*")):
+        os.remove(leftover)  # of a write killed before its rename
     paths = [os.path.join(bdir, f"batch_{i}.npz") for i in range(n_batches)]
     done = sum(os.path.exists(p) for p in paths)
     if done:
