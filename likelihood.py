@@ -46,6 +46,31 @@ def _log2_scaler_slope(inverse_scaler: Callable, example_shape) -> jax.Array:
     return jnp.mean(jnp.log2(jnp.abs(slope)))
 
 
+def _check_hutchinson_type(name: str) -> str:
+    valid = {h.lower(): h for h in _HUTCHINSON_TYPES}
+    if name.lower() not in valid:
+        raise ValueError(f"Unknown hutchinson_type {name!r}; valid: {list(_HUTCHINSON_TYPES)}.")
+    return valid[name.lower()]
+
+
+@functools.lru_cache(maxsize=8)
+def _augmented_drift(sde, score_fn):
+    """d/dt [x, log-density change] = [f~(x, t), v^T (df~/dx) v] for the probe v (args).
+
+    One drift object per (sde, score_fn), so a host solve compiles its right-hand side once.
+    """
+    rsde = sde.reverse(score_fn, probability_flow=True)
+
+    def drift(t, state, probe):
+        x, _ = state
+        vec_t = jnp.full((x.shape[0],), t, x.dtype)
+        # One JVP yields the drift and the Jacobian-probe product together.
+        f, jac_v = jax.jvp(lambda y: rsde.sde(y, vec_t)[0], (x,), (probe,))
+        return f, _sum_except_batch(jac_v * probe)
+
+    return drift
+
+
 def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable,
                       hutchinson_type: str = "Rademacher", rtol: float = 1e-5,
                       atol: float = 1e-5, method: str = "dopri5", eps: float = 1e-5,
@@ -66,32 +91,14 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable,
     `data` [B, ...] is in model space (already scaled). Returns bits/dim per example, the latent
     z = x(T) and the number of score evaluations (each one a forward-mode JVP of score_fn).
     """
-    valid = {h.lower(): h for h in _HUTCHINSON_TYPES}
-    if hutchinson_type.lower() not in valid:
-        raise ValueError(f"Unknown hutchinson_type {hutchinson_type!r}; "
-                         f"valid: {list(_HUTCHINSON_TYPES)}.")
-    hutchinson_type = valid[hutchinson_type.lower()]
+    hutchinson_type = _check_hutchinson_type(hutchinson_type)
     method = ode.canonical_method(method)
-
-    @functools.lru_cache(maxsize=8)
-    def augmented_drift(score_fn):
-        """d/dt [x, log-density change] = [f~(x, t), v^T (df~/dx) v] for the probe v."""
-        rsde = sde.reverse(score_fn, probability_flow=True)
-
-        def drift(t, state, probe):
-            x, _ = state
-            vec_t = jnp.full((x.shape[0],), t, x.dtype)
-            # One JVP yields the drift and the Jacobian-probe product together.
-            f, jac_v = jax.jvp(lambda y: rsde.sde(y, vec_t)[0], (x,), (probe,))
-            return f, _sum_except_batch(jac_v * probe)
-
-        return drift
 
     def likelihood(rng, score_fn, data):
         probe = _probe(rng, data.shape, hutchinson_type)
         y0 = (data, jnp.zeros((data.shape[0],), data.dtype))
-        (z, delta_logp), nfe = ode.solve(augmented_drift(score_fn), y0, eps, sde.T, method,
-                                         rtol, atol, max_steps, args=probe)
+        (z, delta_logp), nfe = ode.solve(_augmented_drift(sde, score_fn), y0, eps, sde.T,
+                                         method, rtol, atol, max_steps, args=probe)
         dim = math.prod(data.shape[1:])
         # log p_eps(x) = log p_T(z) + int_eps^T div f~ dt (Eq. 39).
         logp = sde.prior_logp(z) + delta_logp
@@ -99,15 +106,11 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable,
                + _log2_scaler_slope(inverse_scaler, data.shape[1:]))
         return bpd, z, nfe
 
-    if ode.is_host_method(method):
-        def likelihood_fn(rng, score_fn, data):
-            return likelihood(rng, score_fn, jnp.asarray(data))
-
-        return likelihood_fn
-
-    compiled = jax.jit(likelihood, static_argnums=1)
+    # Host methods call scipy and cannot be traced; device methods compile one program per
+    # score function object.
+    run = likelihood if ode.is_host_method(method) else jax.jit(likelihood, static_argnums=1)
 
     def likelihood_fn(rng, score_fn, data):
-        return compiled(rng, score_fn, jnp.asarray(data))
+        return run(rng, score_fn, jnp.asarray(data))
 
     return likelihood_fn

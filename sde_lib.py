@@ -125,7 +125,7 @@ class SDE(abc.ABC):
     def has_ancestral_update(self) -> bool:
         return type(self).ancestral_update is not SDE.ancestral_update
 
-    # Score-model conventions (REFERENCE.md "Score-model label conventions"). The default
+    # Score-model conventions (as yang-song/score_sde models/utils.get_score_fn). The default
     # treats the network output as a noise prediction scaled by 1/std, which is valid for any
     # SDE with a Gaussian perturbation kernel.
 

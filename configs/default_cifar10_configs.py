@@ -160,5 +160,13 @@ def get_default_configs() -> ml_collections.ConfigDict:
     optim.warmup = 5000  # linear learning-rate warmup steps
     optim.grad_clip = 1.0  # global-norm clipping; negative disables it
 
+    # Released checkpoints (main.py --mode=import / export; see docs/pretrained.md).
+    config.pretrained = pretrained = ml_collections.ConfigDict()
+    pretrained.path = ""  # score_sde checkpoint_<k>, score_sde_pytorch .pth or diffusers folder
+    # import: the checkpoint_<k> to write (0: k from the source's step); export: the one to
+    # read (0: the newest).
+    pretrained.ckpt = 0
+    pretrained.out = ""  # export: the diffusers folder to write ('' = <workdir>/diffusers)
+
     config.seed = 42
     return config

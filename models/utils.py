@@ -13,6 +13,7 @@ consume, following the label conventions of the paper (they live on the SDE clas
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -44,8 +45,6 @@ def register_model(cls=None, *, name: str | None = None):
 def _import_builtin_models():
     # Importing the model modules runs their @register_model decorators. Done lazily so that
     # importing this module stays cheap and free of import cycles.
-    import importlib
-
     for module in ("ncsnpp", "ddpm", "ncsnv2", "wideresnet_noise_conditional"):
         try:
             importlib.import_module(f"models.{module}")

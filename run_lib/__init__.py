@@ -22,6 +22,7 @@ Workdir layout:
 
 import datasets
 import evaluation
+import pretrained
 from run_lib import checkpoints, interrupt, logs
 from run_lib.checkpoints import DiskFullError, init_state
 from run_lib.checks import CheckpointError, ConfigError, UsageError, validate_config
@@ -30,6 +31,7 @@ from run_lib.controllable import colorize, conditional, inpaint
 from run_lib.devices import make_mesh, to_global
 from run_lib.evaluating import evaluate, fid_stats
 from run_lib.generate import likelihood_mode, sample
+from run_lib.interop import export, import_checkpoint
 from run_lib.interrupt import Interrupted
 from run_lib.steps import build_step_fns, get_sample_fn
 from run_lib.training import train
@@ -45,11 +47,13 @@ MODES = {
     "train_classifier": train_classifier,
     "conditional": conditional,
     "likelihood": likelihood_mode,
+    "import": import_checkpoint,
+    "export": export,
 }
 
 # What main.py turns into one line: bad input (exit code 2), and runs that cannot go on (1).
 USAGE_ERRORS = (UsageError, datasets.DataError, FileNotFoundError,
-                checkpoints.ConfigMismatchError)
+                checkpoints.ConfigMismatchError, pretrained.PretrainedError)
 RUN_ERRORS = (CheckpointError, FloatingPointError, DiskFullError, evaluation.WeightFileError,
               OSError)
 

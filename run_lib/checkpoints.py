@@ -273,6 +273,7 @@ def save_data_state(workdir: str, step: int, iterator) -> None:
     faults.point("data_state.before", step)
     shutil.rmtree(tmp, ignore_errors=True)
     tf.train.Checkpoint(iterator=iterator).write(os.path.join(tmp, "pipeline"))
+    faults.point("data_state.during", step)  # if the watcher has not struck yet
     faults.point("data_state.written", step)
     if os.path.isdir(final):  # a leftover of a run killed after this point: same content
         shutil.rmtree(final)

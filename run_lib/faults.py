@@ -1,9 +1,11 @@
 """Fault-injection points, so tests can kill a run inside narrow windows (e.g. mid-save).
 
 `SCORE_SDE_KILL_AT="<point>@<step>[,<point>@<step>...]"` makes the process SIGKILL itself when
-it reaches `point` at `step` (`@*` for any step). Points named `<phase>.during` instead start a
-watcher that kills the process as soon as the phase's temporary files appear, i.e. genuinely
-inside the write. `SCORE_SDE_FAIL_AT` raises the error named after `=` instead, e.g.
+it reaches `point` at `step` (`@*` for any step). Points named `<phase>.during` kill inside the
+phase's write: a watcher kills the process as soon as the temporary files appear (for writes a
+library makes, such as Orbax's), and the project's own writes also pass a `.during` point after
+writing and before renaming into place, so the kill happens even if the watcher was too slow.
+`SCORE_SDE_FAIL_AT` raises the error named after `=` instead, e.g.
 `meta.before@4=ENOSPC` (disk full). Unset (the normal case), every call is a no-op.
 """
 

@@ -538,7 +538,7 @@ PROJECT_KEYS = {
     "eval.fast_fid": False,
     "eval.fast_fid_num_samples": 1000,
     "eval.num_bpd_batches": 0,
-    "eval.ckpt_wait_secs": 86400,
+    "eval.ckpt_wait_secs": -1,
     "eval.stats_dir": "assets/stats",
     "sampling.ode_method": "dopri5",
     "sampling.ode_rtol": 1e-5,
@@ -701,6 +701,8 @@ CHANGED = {
         "ve/celebahq_256_ncsnpp_continuous.py", "ve/ncsnv2/bedroom.py", "vp/ddpm/bedroom.py",
         "vp/ddpm/church.py", "vp/ddpm/celebahq.py")},
     ("ve/ffhq_ncsnpp_continuous.py", "training.n_jitted_steps"): "2",
+    # Evaluation no longer waits 24 h on a workdir no training run writes to (-1: auto).
+    **{(rel, "eval.ckpt_wait_secs"): "-1" for rel in SNAPSHOTS},
 }
 
 

@@ -309,10 +309,12 @@ def _ncsn_20_levels(num_classes):
     """ve/ncsn/cifar10 (10 levels) with --config.model.num_scales=20, a small width, and
     config.model.num_classes set to `num_classes` (None: key removed)."""
     cfg = _small(ncsn_cifar10.get_config, 4, num_scales=20)
-    if num_classes is None:
-        del cfg.model["num_classes"]
-    else:
-        cfg.model.num_classes = num_classes
+    with cfg.unlocked():
+        if num_classes is None:
+            if "num_classes" in cfg.model:
+                del cfg.model["num_classes"]
+        else:
+            cfg.model.num_classes = num_classes  # as a reference-format config has it
     return cfg
 
 
@@ -334,8 +336,10 @@ def test_ncsn_embeds_one_row_per_noise_level(num_classes):
 def test_ncsn_refuses_num_classes_other_than_num_scales():
     with pytest.raises(ValueError, match=r"num_scales=20.*num_classes=10"):
         create_model(_ncsn_20_levels(10))
-    # NCSNv2 has the same family of noise-level fields.
+    # NCSNv2 has the same family of noise-level fields (the reference's file sets 232).
     cfg = _small(ncsnv2_cifar10.get_config, 4, num_scales=100)
+    with cfg.unlocked():
+        cfg.model.num_classes = 232
     with pytest.raises(ValueError, match=r"'ncsnv2_64'.*num_scales=100.*num_classes=232"):
         param_shapes(cfg)
 

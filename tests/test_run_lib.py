@@ -165,7 +165,8 @@ def test_bad_values_fail_before_compiling(tmp_path):
     proc = subprocess.run(_main_args("sampel", workdir, FASHION), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and ("train|eval|fid_stats|sample|inpaint|colorize|"
-                                     "train_classifier|conditional|likelihood") in proc.stderr
+                                     "train_classifier|conditional|likelihood|import|"
+                                     "export") in proc.stderr
     proc = subprocess.run(_main_args("train", workdir, FASHION, "--config.training.nitters=3"),
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "nitters" in proc.stderr
