@@ -108,11 +108,16 @@ def inpainting_rates(params):
 
 
 def write_pictures(conditional, inpainting, folder):
+    """A row per class (up to 8 samples) of the best-scoring guidance scale, and the first 8
+    inpainting inputs: originals, masked, inpainted."""
     os.makedirs(folder, exist_ok=True)
-    data = np.load(os.path.join(conditional["folder"], "samples.npz"))
-    rows = [data["samples"][data["labels"] == y][:8] for y in range(len(judge.CLASSES))]
+    best = max(conditional, key=lambda r: r["mean"])
+    data = np.load(os.path.join(best["folder"], "samples.npz"))
+    cols = min(FLAGS.per_class, 8)
+    rows = [data["samples"][data["labels"] == y][:cols] for y in range(len(judge.CLASSES))]
     files.save_image_grid(np.concatenate(rows), os.path.join(folder,
-                                                             "conditional_quickstart.png"), cols=8)
+                                                             "conditional_quickstart.png"),
+                          cols=cols)
     load = lambda name: np.load(os.path.join(inpainting["folder"], f"{name}.npz"))["samples"][:8]
     files.save_image_grid(np.concatenate([load("input"), load("masked"), load("result")]),
                           os.path.join(folder, "inpainting_quickstart.png"), cols=8)
@@ -139,7 +144,7 @@ def main(argv):
           f"{i['unconditional']:.1%}.")
     print(f"Load average during the run: {results['load']}")
     if FLAGS.pictures:
-        write_pictures(results["conditional"][0], i, FLAGS.pictures)
+        write_pictures(results["conditional"], i, FLAGS.pictures)
 
 
 if __name__ == "__main__":
