@@ -209,9 +209,10 @@ def test_colorize_keeps_the_gray_image(data_dir, tmp_path):
     for i, image in enumerate(rgb):
         Image.fromarray(image).save(folder / f"c{i}.png")
     # sigma_max 0.05: the untrained network's chroma stays near its prior, mostly unclipped.
+    # No corrector: Langevin steps scale with 1 / |score|^2, and the untrained score is ~0.
     run(main_args("colorize", workdir, data_dir, "--config.data.dataset=CIFAR10",
                   "--config.data.num_channels=3", f"--config.controllable.source={folder}",
-                  "--config.model.sigma_max=0.05", *QUIET))
+                  "--config.model.sigma_max=0.05", "--config.sampling.corrector=none", *QUIET))
     out = os.path.join(workdir, "colorize", "ckpt_1")
     np.testing.assert_array_equal(np.load(os.path.join(out, "input.npz"))["samples"], rgb)
     gray = np.load(os.path.join(out, "gray.npz"))["samples"]
@@ -227,10 +228,12 @@ def test_colorize_keeps_the_gray_image(data_dir, tmp_path):
 # ---------------------------------------------------------------------------- conditional
 
 
-def test_conditional_samples_the_requested_classes(workdir, data_dir, classifier_runs):
+def test_conditional_samples_the_requested_classes(workdir, data_dir, classifier_runs,
+                                                   tmp_path):
+    out = str(tmp_path / "conditional")
     run(main_args("conditional", workdir, data_dir, "--config.controllable.labels=0,3,7",
-                  "--config.sample.num_samples=6", "--config.controllable.scale=2.0", *QUIET))
-    out = os.path.join(workdir, "conditional", "ckpt_2")
+                  "--config.sample.num_samples=6", "--config.controllable.scale=2.0",
+                  f"--config.sample.out={out}", *QUIET))
     data = np.load(os.path.join(out, "samples.npz"))
     assert data["samples"].shape == (6, 28, 28, 1) and data["samples"].dtype == np.uint8
     np.testing.assert_array_equal(data["labels"], [0, 3, 7, 0, 3, 7])
