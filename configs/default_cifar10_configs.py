@@ -82,6 +82,50 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.stats_dir = "assets/stats"  # dataset Inception statistics (--mode=fid_stats)
     evaluate.show_progress = True  # progress bars on long sampling / evaluation loops
 
+    # --mode=sample | inpaint | colorize | conditional | likelihood (run_lib.generate).
+    config.sample = sample = ml_collections.ConfigDict()
+    sample.ckpt = 0  # the checkpoint_<k> these modes load; 0 = the newest
+    sample.num_samples = 64  # images --mode=sample and --mode=conditional write
+    # Output folder, relative to the workdir or absolute; '' = <workdir>/<mode>/ckpt_<k>.
+    sample.out = ""
+    sample.grid_size = 64  # images shown in a mode's summary grid (PNG)
+
+    # Inputs and masks of --mode=inpaint | colorize | likelihood; guidance of conditional.
+    config.controllable = controllable = ml_collections.ConfigDict()
+    # 'test' | 'train' (dataset split), or a folder of PNG/JPEG images or an .npz file
+    controllable.source = "test"
+    controllable.num_inputs = 64  # images read from the source; 0 = all of a folder / .npz
+    controllable.mask = "half"  # 'half' | 'box' | 'random' | 'file': what inpainting fills in
+    controllable.half = "lower"  # mask='half': 'lower' | 'upper' | 'left' | 'right'
+    controllable.box = "center"  # mask='box': 'center' (half the side) or 'top,left,height,width'
+    controllable.rate = 0.5  # mask='random': fraction of pixels to fill in
+    # mask='file': an image (or .npz: one mask, or one per input) whose white pixels are filled
+    controllable.mask_path = ""
+    controllable.samples_per_input = 1
+    controllable.labels = "all"  # conditional: 'all' (classes in turn) or ids, e.g. '3' or '0,5,7'
+    controllable.scale = 1.0  # classifier guidance scale; 1 = the conditional score of Eq. 14
+
+    # The noise-conditional classifier of class-conditional sampling (App. I.1): WRN-28-10.
+    config.classifier = classifier = ml_collections.ConfigDict()
+    classifier.blocks_per_group = 4  # WRN-(6 blocks_per_group + 4)-(channel_multiplier)
+    classifier.channel_multiplier = 10
+    classifier.num_classes = 10
+    classifier.input_normalization = "none"  # 'none' | 'cifar10' (the reference's classifier)
+    # --mode=conditional loads: '' = <workdir>/classifier (newest), a classifier folder or
+    # checkpoint_<k> folder of this project, or a flax msgpack params file (the reference's)
+    classifier.path = ""
+    classifier.batch_size = 128
+    classifier.n_iters = 100000
+    classifier.lr = 2e-4
+    classifier.warmup = 1000
+    classifier.weight_decay = 0.0
+    classifier.grad_clip = 1.0  # negative disables it
+    classifier.snapshot_freq = 10000
+    classifier.log_freq = 100
+    classifier.eval_freq = 2000
+    classifier.eval_times = (0.0, 0.25, 0.5, 0.75, 1.0)  # accuracy at these t (0 means eps)
+    classifier.eval_batches = 4  # test batches (classifier.batch_size) per evaluation
+
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "CIFAR10"
     data.image_size = 32

@@ -44,4 +44,20 @@ def get_config():
     optim.lr = 1e-3
     optim.warmup = 0
 
+    # A WRN-10-1 classifier trained for a few steps (--mode=train_classifier / conditional).
+    classifier = config.classifier
+    classifier.channel_multiplier = 1
+    classifier.batch_size = 8
+    classifier.n_iters = 6
+    classifier.snapshot_freq = 3
+    classifier.log_freq = 2
+    classifier.eval_freq = 3
+    classifier.eval_batches = 1
+    classifier.lr = 1e-3
+    classifier.warmup = 0
+
+    # Small outputs for the generating modes.
+    config.sample.num_samples = 16
+    config.controllable.num_inputs = 8
+
     return config

@@ -16,6 +16,8 @@ Workdir layout:
   samples/iter_<step>/sample.png   snapshot sample grid (and sample.npz)
   tensorboard/                     scalars
   <eval_folder>/                   evaluation outputs and summary.json
+  <mode>/ckpt_<k>/                 sample, inpaint, colorize, conditional, likelihood outputs
+  classifier/                      the noise-conditional classifier (--mode=train_classifier)
 """
 
 import datasets
@@ -24,8 +26,11 @@ import pretrained
 from run_lib import checkpoints, interrupt, logs
 from run_lib.checkpoints import DiskFullError, init_state
 from run_lib.checks import CheckpointError, ConfigError, UsageError, validate_config
+from run_lib.classifier import train_classifier
+from run_lib.controllable import colorize, conditional, inpaint
 from run_lib.devices import make_mesh, to_global
 from run_lib.evaluating import evaluate, fid_stats
+from run_lib.generate import likelihood_mode, sample
 from run_lib.interop import export, import_checkpoint
 from run_lib.interrupt import Interrupted
 from run_lib.steps import build_step_fns, get_sample_fn
@@ -36,6 +41,12 @@ MODES = {
     "train": lambda config, workdir, eval_folder: train(config, workdir),
     "eval": evaluate,
     "fid_stats": lambda config, workdir, eval_folder: fid_stats(config, workdir),
+    "sample": sample,
+    "inpaint": inpaint,
+    "colorize": colorize,
+    "train_classifier": train_classifier,
+    "conditional": conditional,
+    "likelihood": likelihood_mode,
     "import": import_checkpoint,
     "export": export,
 }

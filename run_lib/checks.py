@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import configs
 import datasets
 import fast_samplers
@@ -9,7 +11,7 @@ import ode
 import sampling
 from models import precision
 from models import utils as mutils
-from run_lib import runtime
+from run_lib import inputs, runtime
 
 SDE_NAMES = ("vesde", "vpsde", "subvpsde")
 
@@ -131,6 +133,59 @@ def _check_training(config, problems):
                        f"training.n_jitted_steps={k}")
 
 
+# Modes that load a checkpoint and generate (run_lib.generate, run_lib.controllable).
+GENERATION_MODES = ("sample", "inpaint", "colorize", "conditional", "likelihood")
+_INPUT_MODES = ("inpaint", "colorize", "likelihood")  # read config.controllable.source
+_PC_MODES = ("inpaint", "colorize", "conditional")  # always the PC sampler of config.sampling
+
+
+def _check_generation(config, mode, problems):
+    """config.sample and config.controllable for the generating modes."""
+    s, c = config.sample, config.controllable
+    problems.check(s.ckpt >= 0, f"config.sample.ckpt={s.ckpt} must be >= 0 (0 = the newest)")
+    problems.check(s.num_samples >= 1, f"config.sample.num_samples={s.num_samples} must be >= 1")
+    if mode in _PC_MODES and config.sampling.method != "pc":  # else _check_names did it
+        problems.call("config.sampling.predictor", sampling.get_predictor,
+                      config.sampling.predictor)
+        problems.call("config.sampling.corrector", sampling.get_corrector,
+                      config.sampling.corrector)
+    if mode in _INPUT_MODES:
+        problems.check(c.num_inputs >= (1 if c.source in inputs.SPLITS else 0),
+                       f"config.controllable.num_inputs={c.num_inputs} must be >= 1 (or 0 = all "
+                       "images of a folder or .npz)")
+    if mode in ("inpaint", "colorize"):
+        problems.check(c.samples_per_input >= 1, "config.controllable.samples_per_input="
+                                                 f"{c.samples_per_input} must be >= 1")
+    if mode == "inpaint":
+        problems.call(None, inputs.check_mask_settings, config)
+    if mode == "colorize":
+        problems.check(config.data.num_channels == 3,
+                       f"--mode=colorize needs a 3-channel (colour) model, but "
+                       f"config.data.num_channels={config.data.num_channels} "
+                       f"({config.data.dataset}): there are no colours to fill in")
+    if mode == "conditional":
+        problems.call(None, inputs.parse_labels, c.labels, config.classifier.num_classes)
+        problems.check(math.isfinite(c.scale), f"config.controllable.scale={c.scale} must be "
+                                               "finite")
+    if mode == "likelihood":
+        problems.check(config.eval.bpd_num_repeats >= 1,
+                       f"config.eval.bpd_num_repeats={config.eval.bpd_num_repeats} must be >= 1")
+
+
+def _check_classifier(config, problems):
+    c = config.classifier
+    for key in ("n_iters", "snapshot_freq", "log_freq", "eval_freq", "batch_size",
+                "eval_batches", "num_classes", "blocks_per_group", "channel_multiplier"):
+        problems.check(c[key] >= 1, f"config.classifier.{key}={c[key]} must be >= 1")
+    problems.check(c.lr > 0, f"config.classifier.lr={c.lr} must be > 0")
+    problems.check(all(0.0 <= t <= 1.0 for t in c.eval_times),
+                   f"config.classifier.eval_times={tuple(c.eval_times)} must lie in [0, 1]")
+    normalizations = ("none", "cifar10")
+    problems.check(c.input_normalization in normalizations,
+                   f"config.classifier.input_normalization={c.input_normalization!r}; valid: "
+                   f"{list(normalizations)}")
+
+
 def prepare(config, mode: str):
     """The config a mode runs with: completed with this project's defaults for keys a
     reference-format config lacks (`configs.complete`), then validated."""
@@ -154,6 +209,12 @@ def validate_config(config, mode: str = "train") -> None:
     if mode == "train":
         batches.append(("training.batch_size", config.training.batch_size))
         _check_training(config, problems)
+    if mode == "train_classifier":
+        batches.append(("classifier.batch_size", config.classifier.batch_size))
+    if mode in ("train_classifier", "conditional"):
+        _check_classifier(config, problems)
+    if mode in GENERATION_MODES:
+        _check_generation(config, mode, problems)
     for key, value in batches:
         problems.call(None, datasets.check_batch_size, key, value)
     if mode == "eval":
@@ -165,4 +226,5 @@ def validate_config(config, mode: str = "train") -> None:
     if not problems:  # tracing the network is only meaningful for an otherwise valid config
         _check_network(config, problems)
     if problems:
-        raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError("Invalid config: " + problems[0] if len(problems) == 1 else
+                          "Invalid config:\n  " + "\n  ".join(problems))

@@ -94,10 +94,11 @@ def checked_images(images, what: str) -> np.ndarray:
     return images
 
 
-def image_grid(images_uint8: np.ndarray, pad: int = 2) -> np.ndarray:
-    """[N, H, W, C] uint8 -> one roughly square grid image [rows (H + pad) + pad, ..., C]."""
+def image_grid(images_uint8: np.ndarray, pad: int = 2, cols: int | None = None) -> np.ndarray:
+    """[N, H, W, C] uint8 -> one grid image [rows (H + pad) + pad, ..., C], row by row with
+    `cols` images a row (default: roughly square)."""
     n, h, w, c = images_uint8.shape
-    cols = int(math.ceil(math.sqrt(n)))
+    cols = int(cols or math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
     grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
     for i in range(n):
@@ -107,9 +108,9 @@ def image_grid(images_uint8: np.ndarray, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_image_grid(images_uint8: np.ndarray, path: str) -> None:
-    """Writes [N, H, W, C] uint8 images as a roughly square PNG grid."""
-    grid = image_grid(images_uint8)
+def save_image_grid(images_uint8: np.ndarray, path: str, cols: int | None = None) -> None:
+    """Writes [N, H, W, C] uint8 images as a PNG grid (`cols` a row; default roughly square)."""
+    grid = image_grid(images_uint8, cols=cols)
     tmp = f"{path}.tmp-{os.getpid()}.png"
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp)
     os.replace(tmp, path)

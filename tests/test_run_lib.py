@@ -162,9 +162,11 @@ def test_bad_values_fail_before_compiling(tmp_path):
     assert "Unknown predictor 'euler'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
-    proc = subprocess.run(_main_args("sample", workdir, FASHION), cwd=ROOT, env=ENV,
+    proc = subprocess.run(_main_args("sampel", workdir, FASHION), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "train|eval|fid_stats" in proc.stderr
+    assert proc.returncode != 0 and ("train|eval|fid_stats|sample|inpaint|colorize|"
+                                     "train_classifier|conditional|likelihood|import|"
+                                     "export") in proc.stderr
     proc = subprocess.run(_main_args("train", workdir, FASHION, "--config.training.nitters=3"),
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "nitters" in proc.stderr

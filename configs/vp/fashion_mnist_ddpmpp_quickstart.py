@@ -43,4 +43,14 @@ def get_config():
     optim.lr = 2e-3
     optim.warmup = 200
 
+    # The classifier of class-conditional sampling (the default's WRN-10-2), trained in minutes:
+    # python main.py --mode=train_classifier --config=<this file> --workdir=<the same workdir>
+    classifier = config.classifier
+    classifier.n_iters = 2000
+    classifier.lr = 2e-3
+    classifier.warmup = 100
+    classifier.snapshot_freq = 500
+    classifier.eval_freq = 500
+    classifier.eval_batches = 8
+
     return config
