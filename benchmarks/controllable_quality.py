@@ -1,6 +1,6 @@
 """Quality of class-conditional sampling and inpainting, judged by an independent classifier.
 
-    python benchmarks/controllable_quality.py --workdir=workdir/vp_fashion_mnist_ddpmpp_quickstart
+    python benchmarks/controllable_quality.py --workdir=workdir/quickstart
 
 On a trained Fashion-MNIST workdir (the quickstart) with its noise-conditional classifier
 (`--mode=train_classifier`), this runs the project's own modes and scores their outputs with

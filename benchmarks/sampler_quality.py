@@ -211,7 +211,7 @@ def save_rows(path: str, meta: dict, rows: list) -> None:
     os.replace(path + ".tmp", path)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", nargs="?", default=os.path.join(ROOT, "workdir", "quickstart"))
     parser.add_argument("--config", default=os.path.join(
@@ -229,21 +229,27 @@ def main():
     parser.add_argument("--judge", default=judge.JUDGE_PATH)
     parser.add_argument("--inception_weights", default="")
     parser.add_argument("--out", default=os.path.join(ROOT, "assets", "sampler_quality"))
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def restore(args):
+    """The benchmark's config (data from args.data_dir) and the checkpoint's train state."""
     config = load_config(args.config)
     config.unlock()
     config.data.data_dir = args.data_dir
     config.eval.show_progress = False
     config.lock()
-    denoise = bool(config.sampling.noise_removal)
     rng = jax.random.PRNGKey(config.seed)  # the State's key layout, as run_lib.evaluate
     abstract = checkpoints.abstract_state(config, rng, replicated(make_mesh()))
     snapshots, _ = checkpoints.managers(args.workdir, config, create=False)
     state = checkpoints.restore(snapshots, args.ckpt, abstract)
     print(f"backend={jax.default_backend()} devices={jax.device_count()} workdir={args.workdir} "
           f"checkpoint_{args.ckpt} (step {int(state.step)}) load={os.getloadavg()[0]:.1f}")
+    return config, state
 
+
+def scorer(args):
+    """score(images) -> {'judge_fid', and 'inception_fid' where Inception weights exist}."""
     judge_params = judge.load(args.judge)
     test = read_split(args.data_dir, "t10k")
     _, test_features = judge.logits_and_features(judge_params, test)
@@ -259,6 +265,14 @@ def main():
             result["inception_fid"] = metrics.fid_from_activations(test_pool, inception(images))
         return result
 
+    return score, inception is not None
+
+
+def main():
+    args = parse_args()
+    config, state = restore(args)
+    denoise = bool(config.sampling.noise_removal)
+    score, with_inception = scorer(args)
     meta = {"workdir": os.path.abspath(args.workdir), "ckpt": args.ckpt,
             "num_samples": args.num_samples, "seed": int(config.seed)}
     done = load_rows(args.out + ".json", meta)
@@ -288,7 +302,7 @@ def main():
               f"{per_batch:7.2f} s/batch (first {first:.1f} s) load "
               f"{row['load_average']:.1f}", flush=True)
 
-    md = table(rows, inception is not None)
+    md = table(rows, with_inception)
     print(md)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".md", "w") as f:

@@ -87,7 +87,7 @@ def make_train_step(model, config):
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - rate)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

@@ -14,8 +14,22 @@ import ml_collections
 
 def get_default_configs() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.training = _training()
+    config.sampling = _sampling()
+    config.eval = _eval()
+    config.sample = _sample()
+    config.controllable = _controllable()
+    config.classifier = _classifier()
+    config.data = _data()
+    config.model = _model()
+    config.optim = _optim()
+    config.pretrained = _pretrained()
+    config.seed = 42
+    return config
 
-    config.training = training = ml_collections.ConfigDict()
+
+def _training() -> ml_collections.ConfigDict:
+    training = ml_collections.ConfigDict()
     training.sde = "vesde"  # 'vesde' | 'vpsde' | 'subvpsde'
     training.continuous = True  # False: SMLD / DDPM discrete-noise objectives
     training.batch_size = 128
@@ -40,8 +54,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
     # 'auto' = $SCORE_SDE_CACHE/xla, else ~/.cache/score_sde/xla; '' turns it off; any other
     # value is the folder. JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
     training.compile_cache_dir = "auto"
+    return training
 
-    config.sampling = sampling = ml_collections.ConfigDict()
+
+def _sampling() -> ml_collections.ConfigDict:
+    sampling = ml_collections.ConfigDict()
     sampling.method = "pc"  # 'pc' | 'ode' | 'ddim' | 'dpm_solver' | 'heun'
     sampling.predictor = "reverse_diffusion"
     sampling.corrector = "langevin"
@@ -59,8 +76,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
     sampling.order = 2  # 'dpm_solver': 1, 2 (DPM-Solver++ 2M) or 3 (3M)
     sampling.eta = 0.0  # 'ddim': 0 deterministic, 1 DDPM-like noise
     sampling.churn = 0.0  # 'heun': EDM's S_churn (0 = deterministic)
+    return sampling
 
-    config.eval = evaluate = ml_collections.ConfigDict()
+
+def _eval() -> ml_collections.ConfigDict:
+    evaluate = ml_collections.ConfigDict()
     evaluate.begin_ckpt = 9
     evaluate.end_ckpt = 26
     evaluate.batch_size = 1024
@@ -81,17 +101,23 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.ckpt_wait_secs = -1
     evaluate.stats_dir = "assets/stats"  # dataset Inception statistics (--mode=fid_stats)
     evaluate.show_progress = True  # progress bars on long sampling / evaluation loops
+    return evaluate
 
-    # --mode=sample | inpaint | colorize | conditional | likelihood (run_lib.generate).
-    config.sample = sample = ml_collections.ConfigDict()
+
+def _sample() -> ml_collections.ConfigDict:
+    """--mode=sample | inpaint | colorize | conditional | likelihood (run_lib.generate)."""
+    sample = ml_collections.ConfigDict()
     sample.ckpt = 0  # the checkpoint_<k> these modes load; 0 = the newest
     sample.num_samples = 64  # images --mode=sample and --mode=conditional write
     # Output folder, relative to the workdir or absolute; '' = <workdir>/<mode>/ckpt_<k>.
     sample.out = ""
     sample.grid_size = 64  # images shown in a mode's summary grid (PNG)
+    return sample
 
-    # Inputs and masks of --mode=inpaint | colorize | likelihood; guidance of conditional.
-    config.controllable = controllable = ml_collections.ConfigDict()
+
+def _controllable() -> ml_collections.ConfigDict:
+    """Inputs and masks of --mode=inpaint | colorize | likelihood; guidance of conditional."""
+    controllable = ml_collections.ConfigDict()
     # 'test' | 'train' (dataset split), or a folder of PNG/JPEG images or an .npz file
     controllable.source = "test"
     controllable.num_inputs = 64  # images read from the source; 0 = all of a folder / .npz
@@ -104,9 +130,12 @@ def get_default_configs() -> ml_collections.ConfigDict:
     controllable.samples_per_input = 1
     controllable.labels = "all"  # conditional: 'all' (classes in turn) or ids, e.g. '3' or '0,5,7'
     controllable.scale = 1.0  # classifier guidance scale; 1 = the conditional score of Eq. 14
+    return controllable
 
-    # The noise-conditional classifier of class-conditional sampling (App. I.1): WRN-28-10.
-    config.classifier = classifier = ml_collections.ConfigDict()
+
+def _classifier() -> ml_collections.ConfigDict:
+    """The noise-conditional classifier of class-conditional sampling (App. I.1): WRN-28-10."""
+    classifier = ml_collections.ConfigDict()
     classifier.blocks_per_group = 4  # WRN-(6 blocks_per_group + 4)-(channel_multiplier)
     classifier.channel_multiplier = 10
     classifier.num_classes = 10
@@ -125,8 +154,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
     classifier.eval_freq = 2000
     classifier.eval_times = (0.0, 0.25, 0.5, 0.75, 1.0)  # accuracy at these t (0 means eps)
     classifier.eval_batches = 4  # test batches (classifier.batch_size) per evaluation
+    return classifier
 
-    config.data = data = ml_collections.ConfigDict()
+
+def _data() -> ml_collections.ConfigDict:
+    data = ml_collections.ConfigDict()
     data.dataset = "CIFAR10"
     data.image_size = 32
     data.num_channels = 3
@@ -137,8 +169,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
     data.download = False  # let tfds download and prepare a missing data set (needs internet)
     data.tfrecords_path = ""  # FFHQ / CelebA-HQ TFRecord file
     data.category = ""  # LSUN category, e.g. 'bedroom' or 'church_outdoor'
+    return data
 
-    config.model = model = ml_collections.ConfigDict()
+
+def _model() -> ml_collections.ConfigDict:
+    model = ml_collections.ConfigDict()
     model.name = "ncsnpp"
     model.sigma_min = 0.01
     model.sigma_max = 50.0
@@ -167,8 +202,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
     model.progressive_combine = "sum"  # 'sum' | 'cat'
     model.init_scale = 0.0
     model.interpolation = "bilinear"  # NCSN / NCSNv2 upsampling
+    return model
 
-    config.optim = optim = ml_collections.ConfigDict()
+
+def _optim() -> ml_collections.ConfigDict:
+    optim = ml_collections.ConfigDict()
     optim.optimizer = "Adam"
     optim.lr = 2e-4
     optim.beta1 = 0.9
@@ -176,14 +214,15 @@ def get_default_configs() -> ml_collections.ConfigDict:
     optim.weight_decay = 0.0
     optim.warmup = 5000  # linear learning-rate warmup steps
     optim.grad_clip = 1.0  # global-norm clipping; negative disables it
+    return optim
 
-    # Released checkpoints (main.py --mode=import / export; see docs/pretrained.md).
-    config.pretrained = pretrained = ml_collections.ConfigDict()
+
+def _pretrained() -> ml_collections.ConfigDict:
+    """Released checkpoints (main.py --mode=import / export; see docs/pretrained.md)."""
+    pretrained = ml_collections.ConfigDict()
     pretrained.path = ""  # score_sde checkpoint_<k>, score_sde_pytorch .pth or diffusers folder
     # import: the checkpoint_<k> to write (0: k from the source's step); export: the one to
     # read (0: the newest).
     pretrained.ckpt = 0
     pretrained.out = ""  # export: the diffusers folder to write ('' = <workdir>/diffusers)
-
-    config.seed = 42
-    return config
+    return pretrained

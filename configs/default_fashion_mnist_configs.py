@@ -2,7 +2,7 @@
 
 Not run directly; the CPU quickstart is
 python main.py --mode=train --config=configs/vp/fashion_mnist_ddpmpp_quickstart.py \
---workdir=workdir/vp_fashion_mnist_ddpmpp_quickstart
+--workdir=workdir/quickstart
 Not a paper dataset: there is no reference figure, and the values below are untuned. The model is
 a small DDPM++ (NCSN++ code, no FIR, no progressive paths) under the continuous VP SDE; the
 schedule is the CIFAR-10 one. Set data.dataset = 'MNIST' (and data.data_dir) for MNIST.

@@ -1,5 +1,5 @@
 """python main.py --mode=train --config=configs/vp/fashion_mnist_ddpmpp_quickstart.py \
---workdir=workdir/vp_fashion_mnist_ddpmpp_quickstart
+--workdir=workdir/quickstart
 
 Expected: recognisable Fashion-MNIST samples (sneakers, boots, trousers, bags, shirts) in
 samples/iter_3000/sample.png; measured 11 min 42 s wall clock on 2 CPU cores (README).
