@@ -68,30 +68,38 @@ def _jax_runners(args, modes):
 
     import sampling
     import sde_lib
+    from models import utils as mutils
 
     jax_train.runtime.setup_compile_cache(args.compile_cache_dir)
     config = _config()
     config.training.batch_size = args.batch
     config.training.n_jitted_steps = 1
-    step, state, batch, model = jax_train.build(config)
-    runners, holder = {}, {"state": state}
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    runners = {}
     if "train" in modes:
+        step, state, batch, model = jax_train.build(config)
+        holder = {"state": state}
+
         def train():
             holder["state"], loss = step(holder["state"], batch)
             jax.block_until_ready(loss)
         runners["train"] = train
-    # A copy: the train runner donates the state, and with it the state's buffers.
-    params = jax.tree_util.tree_map(jnp.copy, state.params_ema)
+        # A copy: the train runner donates the state, and with it the state's buffers.
+        params = (jax.tree_util.tree_map(jnp.copy, state.params_ema)
+                  if set(modes) - {"train"} else state.params)
+    else:
+        # Forward and sampling hold the parameters only, as the PyTorch peers' processes do
+        # (no optimizer moments, no EMA copy).
+        model, _, params = mutils.init_model(jax.random.PRNGKey(0), config)
+        jax_train.runtime.release_host_memory()
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     size, ch = config.data.image_size, config.data.num_channels
     if "forward" in modes:
         x = jnp.asarray(np.random.RandomState(0).rand(args.batch, size, size, ch), jnp.float32)
         labels = jnp.linspace(config.model.sigma_min, config.model.sigma_max, args.batch)
-        fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, labels, train=False))
+        fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, labels, train=False),
+                      compiler_options=jax_train.runtime.compiler_options())
         runners["forward"] = lambda: jax.block_until_ready(fwd(params, x))
     if "sample" in modes:
-        from models import utils as mutils
-
         sde = sde_lib.VESDE(config.model.sigma_min, config.model.sigma_max, N=args.n_steps)
         sampler = sampling.get_pc_sampler(
             sde, (args.sample_batch, size, size, ch), "reverse_diffusion", "langevin",

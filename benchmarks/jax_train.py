@@ -42,7 +42,8 @@ def build(config, seed: int = 0):
     sde = sde_lib.get_sde(config)
     model = mutils.create_model(config)
     optimizer = losses.get_optimizer(config)
-    init = jax.jit(lambda key: losses.init_train_state(key, config)[1])
+    init = jax.jit(lambda key: losses.init_train_state(key, config)[1],
+                   compiler_options=runtime.compiler_options())
     state = init(jax.random.PRNGKey(seed))
     step = jax.jit(losses.get_step_fn(sde, model, True, optimizer, reduce_mean=tc.reduce_mean,
                                       continuous=tc.continuous,
@@ -52,6 +53,10 @@ def build(config, seed: int = 0):
     n, b = tc.n_jitted_steps, tc.batch_size
     size, ch = config.data.image_size, config.data.num_channels
     data = np.random.RandomState(seed).uniform(0, 1, (n, b, size, size, ch)).astype(np.float32)
+    data = jax.device_put(data)
+    # Compiled ahead of the first call, so the compiler's freed working memory goes back to the
+    # OS before the step's own buffers are allocated (as run_lib's training loop does).
+    step = step.lower(state, data).compile()
     jax.block_until_ready(state)
     runtime.release_host_memory()
-    return step, state, jax.device_put(data), model
+    return step, state, data, model

@@ -12,6 +12,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from models.utils import compiler_options
+
 # XLA options for programs that run once (initialization): optimizing them costs more
 # compile time than it saves (30 s -> 7 s to compile the tiny test model's init on CPU).
 RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
@@ -57,4 +59,5 @@ def compile_once(fn, *args, out_shardings=None):
     """jit-compiles and runs a program that runs once, with cheap XLA optimization on CPU."""
     on_cpu = jax.devices()[0].platform == "cpu"
     lowered = jax.jit(fn, out_shardings=out_shardings).lower(*args)
-    return lowered.compile(RUN_ONCE_COMPILER_OPTIONS if on_cpu else None)(*args)
+    options = {**RUN_ONCE_COMPILER_OPTIONS, **compiler_options()} if on_cpu else None
+    return lowered.compile(options)(*args)

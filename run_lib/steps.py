@@ -77,7 +77,8 @@ def get_sample_fn(config, sde, model, shape, mesh):
 
     if config.sampling.method == "ode" and ode.is_host_method(config.sampling.ode_method):
         return sample
-    return jax.jit(sample, out_shardings=(batch_sharded(mesh), replicated(mesh)))
+    return jax.jit(sample, out_shardings=(batch_sharded(mesh), replicated(mesh)),
+                   compiler_options=runtime.compiler_options())
 
 
 def stream(key, name: str):

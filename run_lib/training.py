@@ -139,9 +139,14 @@ def _loop(run, state, train_step, eval_losses, eval_iter, stacked):
             raise Interrupted(f"Interrupted at step {step}; the newest checkpoint is step "
                               f"{run.meta.latest_step()} in {run.meta.directory}. Run the same "
                               "command again to resume.")
-        state, step_losses = train_step(state, next_batch(run.train_iter))
+        batch = next_batch(run.train_iter)
         if step == first_step:
-            runtime.release_host_memory()  # the compiler's freed working memory
+            # Compiled before its first call, so that the compiler's freed working memory goes
+            # back to the OS before the step allocates its buffers (peak RSS of the CIFAR-10
+            # NCSN++ train process at batch 8: 3.70 -> 3.28 GB).
+            train_step = train_step.lower(state, batch).compile()
+            runtime.release_host_memory()
+        state, step_losses = train_step(state, batch)
         step += tc.n_jitted_steps
         at_end = step >= total
         snapshot = step % tc.snapshot_freq == 0 or at_end
