@@ -97,7 +97,7 @@ def _jax_runners(args, modes):
         x = jnp.asarray(np.random.RandomState(0).rand(args.batch, size, size, ch), jnp.float32)
         labels = jnp.linspace(config.model.sigma_min, config.model.sigma_max, args.batch)
         fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, labels, train=False),
-                      compiler_options=jax_train.runtime.compiler_options())
+                      compiler_options=mutils.compiler_options())
         runners["forward"] = lambda: jax.block_until_ready(fwd(params, x))
     if "sample" in modes:
         sde = sde_lib.VESDE(config.model.sigma_min, config.model.sigma_max, N=args.n_steps)

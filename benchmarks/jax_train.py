@@ -43,13 +43,13 @@ def build(config, seed: int = 0):
     model = mutils.create_model(config)
     optimizer = losses.get_optimizer(config)
     init = jax.jit(lambda key: losses.init_train_state(key, config)[1],
-                   compiler_options=runtime.compiler_options())
+                   compiler_options=mutils.compiler_options())
     state = init(jax.random.PRNGKey(seed))
     step = jax.jit(losses.get_step_fn(sde, model, True, optimizer, reduce_mean=tc.reduce_mean,
                                       continuous=tc.continuous,
                                       likelihood_weighting=tc.likelihood_weighting,
                                       ema_rate=config.model.ema_rate),
-                   donate_argnums=0, compiler_options=runtime.compiler_options())
+                   donate_argnums=0, compiler_options=mutils.compiler_options())
     n, b = tc.n_jitted_steps, tc.batch_size
     size, ch = config.data.image_size, config.data.num_channels
     data = np.random.RandomState(seed).uniform(0, 1, (n, b, size, size, ch)).astype(np.float32)

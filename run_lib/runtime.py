@@ -1,5 +1,6 @@
-"""Process-wide JAX setup of a run: the persistent compilation cache and the CPU compiler
-options of the big programs.
+"""Process-wide JAX setup of a run: the persistent compilation cache, and returning the
+compiler's freed host memory to the OS (the CPU compiler options are
+`models.utils.compiler_options`).
 
 The persistent cache stores every compiled program that took at least a second to compile
 under `config.training.compile_cache_dir` (default `$SCORE_SDE_CACHE/xla`, else
@@ -15,8 +16,6 @@ import ctypes
 import os
 
 import jax
-
-from models.utils import compiler_options  # noqa: F401  (run_lib.runtime.compiler_options)
 
 
 def default_compile_cache_dir() -> str:

@@ -12,7 +12,6 @@ import ode
 import sampling
 import sde_lib
 from models import utils as mutils
-from run_lib import runtime
 from run_lib.devices import batch_sharded, replicated
 
 
@@ -51,7 +50,7 @@ def build_step_fns(config, sde, model, optimizer, mesh):
         losses.get_step_fn(sde, model, True, optimizer, ema_rate=config.model.ema_rate,
                            **kwargs),
         in_shardings=(rep, batches), out_shardings=(rep, rep), donate_argnums=0,
-        compiler_options=runtime.compiler_options())
+        compiler_options=mutils.compiler_options())
     eval_step = losses.get_step_fn(sde, model, False, **kwargs)
 
     def eval_losses(state, batch, index):
@@ -78,7 +77,7 @@ def get_sample_fn(config, sde, model, shape, mesh):
     if config.sampling.method == "ode" and ode.is_host_method(config.sampling.ode_method):
         return sample
     return jax.jit(sample, out_shardings=(batch_sharded(mesh), replicated(mesh)),
-                   compiler_options=runtime.compiler_options())
+                   compiler_options=mutils.compiler_options())
 
 
 def stream(key, name: str):
