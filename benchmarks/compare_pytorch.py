@@ -104,9 +104,17 @@ def _jax_runners(args, modes):
         sampler = sampling.get_pc_sampler(
             sde, (args.sample_batch, size, size, ch), "reverse_diffusion", "langevin",
             lambda v: v, snr=config.sampling.snr, n_steps=1, eps=sde.sampling_eps)
-        score_fn = mutils.get_score_fn(sde, model, params, {}, train=False, continuous=True)
+
+        def sample(key, params):
+            # The parameters are an argument, as in run_lib: a score function closing over
+            # concrete parameters would make them constants of the compiled program.
+            score_fn = mutils.get_score_fn(sde, model, params, {}, train=False,
+                                           continuous=True)
+            return sampler(key, score_fn)[0]
+
+        sample = jax.jit(sample, compiler_options=mutils.compiler_options())
         key = jax.random.PRNGKey(0)
-        runners["sample"] = lambda: jax.block_until_ready(sampler(key, score_fn)[0])
+        runners["sample"] = lambda: jax.block_until_ready(sample(key, params))
     return runners, n_params
 
 

@@ -2,9 +2,9 @@
 
     python benchmarks/memory_probe.py [--config ve/cifar10_ncsnpp_continuous] [--batch 8]
 
-Phases: imports, state initialization, compilation, first step, later steps. The peak is
-reset (Linux /proc/self/clear_refs) before each phase, so every line shows that phase's own
-high-water mark; `compiled.memory_analysis()` shows XLA's view of the step's buffers.
+Phases: imports, state initialization with the step's compilation, first step, later steps.
+The peak is reset (Linux /proc/self/clear_refs) before each phase, so every line shows that
+phase's own high-water mark; `compiled.memory_analysis()` shows XLA's view of the step's buffers.
 """
 
 from __future__ import annotations
@@ -82,15 +82,12 @@ def main():
         for k in parents:
             node = node[k]
         node[leaf] = ast.literal_eval(value)
-    step, state, batch, _ = jax_train.build(config)
+    # build() initializes the state and compiles the step ahead of its first call.
+    compiled, state, batch, _ = jax_train.build(config)
     jax.block_until_ready(state)
     if args.trim:
         _malloc_trim()
-    report("init state + build", t0)
-    compiled = step.lower(state, batch).compile()
-    if args.trim:
-        _malloc_trim()
-    report("compile train step", t0)
+    report("init state + compile step", t0)
     mem = compiled.memory_analysis()
     if mem is not None:
         print("XLA memory analysis: " + ", ".join(

@@ -1,30 +1,71 @@
-"""Gradient formulations that XLA:CPU runs faster than the ones autodiff derives.
+"""Formulations of the networks' products and dropout that XLA:CPU runs faster than the
+plain ones, with the same results.
 
-`channel_dense(x, w, b)`: a per-pixel dense layer over the channel axis (NIN, the attention
-projections), x [..., C] @ w [C, D] + b [D], with a custom VJP. Its weight gradient contracts
-the flattened pixels of x [P, C] and of the cotangent g [P, D] over P. Autodiff leaves XLA
-free to fuse the transposition this contraction needs into the producer of g, which in NCSN++
-is a large fusion of GroupNorm and skip-connection gradients: XLA:CPU then evaluates that
-fusion in transposed, cache-hostile order (0.1-0.2 s per attention block at 16x16, batch 8).
-An optimization barrier on the tangent of the product (a custom JVP of the identity)
-becomes, transposed, a barrier on g: g is materialized first. The products are unchanged, so
-the result equals autodiff's up to float32 summation order, and forward-mode autodiff (the
-likelihood's divergence, any `jax.jvp` through the network) works as for the plain layer.
-Measured on the CIFAR-10 NCSN++ train gradient at batch 8 on 2 CPU cores: 7.8 s instead of
-8.4 s.
+Measured on the CIFAR-10 NCSN++ train step (batch 8, 2 CPU cores) with XLA's per-operation
+profile, the plain formulations lose time in three places, each fixed here:
 
-Convolutions keep XLA's own weight gradient: measured per layer shape (benchmarks/
-conv_grad_probe.py), it is as fast as the forward convolution on XLA:CPU with its YNNPACK
-kernels (jax 0.10), and every matmul-based formulation (im2col, 9 shifted matmuls, 3
-row-shifted matmuls, flat contiguous taps) was 1.2-2.5x slower.
+* `channel_dense(x, w, b)`: a per-pixel dense layer over the channel axis (NIN, the attention
+  projections, and 1x1 convolutions), x [..., C] @ w [C, D] + b [D]. Autodiff's weight
+  gradient contracts the flattened pixels of x [P, C] and of the cotangent g [P, D] over P;
+  XLA:CPU then transposes g inside the large fusion that produces it (GroupNorm and skip
+  gradients of several layers), which it evaluates in a cache-hostile order (0.03-0.08 s per
+  attention projection at 16x16). Here the tangent rule of the product is written by hand:
+  the weight tangent's product uses x transposed and materialized, x^T [C, P], so the
+  transposed weight gradient is the plain matrix product x^T g, and an optimization barrier
+  on the tangent of the output becomes, transposed, a barrier on g, so g is materialized as
+  its producer computes it. As a 1x1 convolution it also replaces XLA's 1x1 convolution
+  kernels, whose weight gradient ran at a quarter of the 3x3 convolutions' FLOP rate.
+* `conv_general_dilated`: XLA's convolution with the same barrier on its output's cotangent;
+  XLA's own weight gradient transposes g to [H, W, B, C_out], and without the barrier it
+  fuses the whole GroupNorm backward into that transposing copy and evaluates it twice
+  (once per layout).
+* `dropout`: the keep mask from 16-bit halves of the random words (one threefry word per two
+  elements instead of one per element, and no float conversion): the drop probability is
+  rounded to a multiple of 2^-16 (0.1 becomes 0.1000061) and kept values are scaled by
+  1 / (1 - that probability), so the expectation is unchanged.
+
+The transposed copies of x are kept from the forward to the backward pass (for the CIFAR-10
+NCSN++ at batch 8, 55 MB more of XLA's temporary buffers) and the materialized cotangents
+coexist in the backward pass; both work against rematerialization, so rematerialized blocks
+(config.training.remat) trace with the plain formulations (`disabled()`).
+
+Everything is written as custom JVPs, not VJPs, so forward-mode autodiff (the likelihood's
+divergence, any `jax.jvp` through a network) works as for the plain layers. The results equal
+plain autodiff's up to float32 summation order (tests/test_perf.py); `disabled()` switches
+the products back to the plain formulations, e.g. to compare.
+
+XLA's 3x3 weight gradient itself is kept: measured per layer shape (benchmarks/
+conv_grad_probe.py), every matmul-based formulation (im2col, 9 shifted matmuls, 3 row-shifted
+matmuls, flat contiguous taps) was 1.2-2.5x slower than XLA's YNNPACK kernels (jax 0.10).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import jax
+import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from models import precision as precision_lib
+
+_STATE = {"enabled": True}
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block, networks traced use the plain formulations (autodiff's gradients)."""
+    previous, _STATE["enabled"] = _STATE["enabled"], False
+    try:
+        yield
+    finally:
+        _STATE["enabled"] = previous
+
+
+def enabled() -> bool:
+    return _STATE["enabled"]
 
 
 @jax.custom_jvp
@@ -38,6 +79,91 @@ def _cotangent_barrier_jvp(primals, tangents):
     return primals[0], lax.optimization_barrier(tangents[0])
 
 
+def _dense_product(x, w, precision):
+    return precision_lib.einsum("...c,cd->...d", x, w, precision)
+
+
+def _make_channel_product(precision: str):
+    @jax.custom_jvp
+    def product(x, w):
+        return _dense_product(x, w, precision)
+
+    def product_jvp(primals, tangents):
+        x, w = primals
+        dx, dw = tangents
+        y = product(x, w)
+        terms = []
+        if not isinstance(dx, SymbolicZero):
+            terms.append(_dense_product(dx, w, precision))
+        if not isinstance(dw, SymbolicZero):
+            # x^T [C, P], materialized: transposed, this term is the plain product x^T g.
+            xt = lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+            terms.append(_dense_product(xt.T, dw, precision).reshape(y.shape))
+        if not terms:
+            return y, SymbolicZero(jax.core.get_aval(y).to_tangent_aval())
+        return y, sum(terms[1:], terms[0])
+
+    product.defjvp(product_jvp, symbolic_zeros=True)
+    return product
+
+
+_CHANNEL_PRODUCTS = {p: _make_channel_product(p) for p in precision_lib.PRECISIONS}
+
+
 def channel_dense(x, w, b, precision: str = "float32"):
     """x [..., C] @ w [C, D] + b [D] -> [..., D] (float32), products in `precision`."""
-    return _cotangent_barrier(precision_lib.einsum("...c,cd->...d", x, w, precision)) + b
+    if not enabled():
+        return _dense_product(x, w, precision) + b
+    return _cotangent_barrier(_CHANNEL_PRODUCTS[precision](x, w)) + b
+
+
+def conv_fn(precision: str):
+    """A drop-in `lax.conv_general_dilated` (for `nn.Conv(conv_general_dilated=...)`) with
+    the gradient formulations above; products in `precision`."""
+    plain = precision_lib.conv_fn(precision)
+
+    def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+             dimension_numbers=None, feature_group_count=1, **kwargs):
+        if not enabled():
+            return plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                         dimension_numbers, feature_group_count, **kwargs)
+        ones = (1,) * (rhs.ndim - 2)
+        pointwise = (rhs.shape[:-2] == ones and tuple(window_strides) == ones
+                     and tuple(lhs_dilation or ones) == ones
+                     and feature_group_count == 1 and _channels_last(dimension_numbers)
+                     and (isinstance(padding, str)
+                          or all(tuple(p) == (0, 0) for p in padding)))
+        if pointwise:
+            return _cotangent_barrier(_CHANNEL_PRODUCTS[precision](lhs, rhs.reshape(
+                rhs.shape[-2:])))
+        return _cotangent_barrier(plain(lhs, rhs, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, feature_group_count,
+                                        **kwargs))
+
+    return conv
+
+
+def _channels_last(dimension_numbers) -> bool:
+    """Whether the convolution is NHWC x HWIO -> NHWC (flax's layout)."""
+    if dimension_numbers is None:
+        return False
+    if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        lhs, rhs, out = dimension_numbers
+        n = len(lhs)
+        return (tuple(lhs) == (0, n - 1, *range(1, n - 1)) and tuple(out) == tuple(lhs)
+                and tuple(rhs) == (n - 1, n - 2, *range(n - 2)))
+    lhs, rhs, out = dimension_numbers
+    return lhs[0] == "N" and lhs[-1] == "C" and out == lhs and rhs[-2:] == "IO"
+
+
+def dropout(x, rate: float, rng):
+    """Inverted dropout of `x` with drop probability `rate` rounded to a multiple of 2^-16.
+
+    A forward computation, not a gradient formulation: `disabled()` leaves it as it is.
+    """
+    threshold = round(rate * 65536)
+    n = math.prod(x.shape)
+    words = jax.random.bits(rng, ((n + 1) // 2,), jnp.uint32)
+    halves = jnp.concatenate([words & 0xFFFF, words >> 16])[:n].reshape(x.shape)
+    keep = halves >= jnp.uint32(threshold)
+    return jnp.where(keep, x * (65536 / (65536 - threshold)), 0.0).astype(x.dtype)

@@ -86,7 +86,7 @@ def ddpm_conv1x1(x, out_planes: int, stride: int = 1, bias: bool = True, dilatio
     return nn.Conv(out_planes, kernel_size=(1, 1), strides=(stride, stride), padding="SAME",
                    use_bias=bias, kernel_dilation=(dilation, dilation),
                    kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
-                   conv_general_dilated=precision_lib.conv_fn(precision))(x)
+                   conv_general_dilated=fastgrad.conv_fn(precision))(x)
 
 
 def ddpm_conv3x3(x, out_planes: int, stride: int = 1, bias: bool = True, dilation: int = 1,
@@ -98,11 +98,26 @@ def ddpm_conv3x3(x, out_planes: int, stride: int = 1, bias: bool = True, dilatio
     return nn.Conv(out_planes, kernel_size=(3, 3), strides=(stride, stride), padding="SAME",
                    use_bias=bias, kernel_dilation=(dilation, dilation),
                    kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
-                   conv_general_dilated=precision_lib.conv_fn(precision))(x)
+                   conv_general_dilated=fastgrad.conv_fn(precision))(x)
 
 
 conv1x1 = ddpm_conv1x1
 conv3x3 = ddpm_conv3x3
+
+
+class Dropout(nn.Module):
+    """Inverted dropout (`fastgrad.dropout`); the identity when deterministic or rate 0."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"Dropout rate {self.rate!r} is outside [0, 1) "
+                             "(config.model.dropout).")
+        if deterministic or self.rate == 0.0:
+            return x
+        return fastgrad.dropout(x, self.rate, self.make_rng("dropout"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,7 +246,7 @@ class ResnetBlockDDPM(nn.Module):
         if temb is not None:
             h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
         h = self.act(nn.GroupNorm(num_groups=32, epsilon=1e-6)(h))
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = Dropout(self.dropout)(h, deterministic=not train)
         h = ddpm_conv3x3(h, out_ch, init_scale=0.0)
         if c != out_ch:
             x = ddpm_conv3x3(x, out_ch) if self.conv_shortcut else NIN(out_ch)(x)

@@ -191,7 +191,7 @@ class ResnetBlockDDPMpp(nn.Module):
         if temb is not None:
             h = h + _dense(out_ch, p)(self.act(temb))[:, None, None, :]
         h = self.act(_group_norm(h))
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = layers.Dropout(self.dropout)(h, deterministic=not train)
         h = conv3x3(h, out_ch, init_scale=self.init_scale, precision=p)
         if c != out_ch:
             x = conv3x3(x, out_ch, precision=p) if self.conv_shortcut else \
@@ -242,7 +242,7 @@ class ResnetBlockBigGANpp(nn.Module):
         if temb is not None:
             h = h + _dense(out_ch, p)(self.act(temb))[:, None, None, :]
         h = self.act(_group_norm(h))
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = layers.Dropout(self.dropout)(h, deterministic=not train)
         h = conv3x3(h, out_ch, init_scale=self.init_scale, precision=p)
         if c != out_ch or self.up or self.down:
             x = conv1x1(x, out_ch, precision=p)
