@@ -110,11 +110,15 @@ def _make_channel_product(precision: str):
 _CHANNEL_PRODUCTS = {p: _make_channel_product(p) for p in precision_lib.PRECISIONS}
 
 
+def _fast_channel_product(x, w, precision):
+    return _cotangent_barrier(_CHANNEL_PRODUCTS[precision](x, w))
+
+
 def channel_dense(x, w, b, precision: str = "float32"):
     """x [..., C] @ w [C, D] + b [D] -> [..., D] (float32), products in `precision`."""
     if not enabled():
         return _dense_product(x, w, precision) + b
-    return _cotangent_barrier(_CHANNEL_PRODUCTS[precision](x, w)) + b
+    return _fast_channel_product(x, w, precision) + b
 
 
 def conv_fn(precision: str):
@@ -127,15 +131,9 @@ def conv_fn(precision: str):
         if not enabled():
             return plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                          dimension_numbers, feature_group_count, **kwargs)
-        ones = (1,) * (rhs.ndim - 2)
-        pointwise = (rhs.shape[:-2] == ones and tuple(window_strides) == ones
-                     and tuple(lhs_dilation or ones) == ones
-                     and feature_group_count == 1 and _channels_last(dimension_numbers)
-                     and (isinstance(padding, str)
-                          or all(tuple(p) == (0, 0) for p in padding)))
-        if pointwise:
-            return _cotangent_barrier(_CHANNEL_PRODUCTS[precision](lhs, rhs.reshape(
-                rhs.shape[-2:])))
+        if _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, dimension_numbers,
+                         feature_group_count):
+            return _fast_channel_product(lhs, rhs.reshape(rhs.shape[-2:]), precision)
         return _cotangent_barrier(plain(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
                                         **kwargs))
@@ -143,17 +141,20 @@ def conv_fn(precision: str):
     return conv
 
 
-def _channels_last(dimension_numbers) -> bool:
-    """Whether the convolution is NHWC x HWIO -> NHWC (flax's layout)."""
-    if dimension_numbers is None:
-        return False
-    if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
-        lhs, rhs, out = dimension_numbers
-        n = len(lhs)
-        return (tuple(lhs) == (0, n - 1, *range(1, n - 1)) and tuple(out) == tuple(lhs)
-                and tuple(rhs) == (n - 1, n - 2, *range(n - 2)))
-    lhs, rhs, out = dimension_numbers
-    return lhs[0] == "N" and lhs[-1] == "C" and out == lhs and rhs[-2:] == "IO"
+def _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, dimension_numbers,
+                  feature_group_count) -> bool:
+    """Whether the convolution is a channel product: a 1x1 kernel, stride 1, no padding or
+    input dilation, one group, NHWC x HWIO -> NHWC (flax's layout)."""
+    n = lhs.ndim
+    ones = (1,) * (n - 2)
+    channels_last = lax.ConvDimensionNumbers(lhs_spec=(0, n - 1, *range(1, n - 1)),
+                                             rhs_spec=(n - 1, n - 2, *range(n - 2)),
+                                             out_spec=(0, n - 1, *range(1, n - 1)))
+    return (rhs.shape[:-2] == ones and tuple(window_strides) == ones
+            and tuple(lhs_dilation or ones) == ones and feature_group_count == 1
+            and (isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding))
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == channels_last)
 
 
 def dropout(x, rate: float, rng):
