@@ -37,15 +37,6 @@ def _reset_peak():
         pass
 
 
-def _malloc_trim():
-    # glibc keeps freed heap pages (XLA's compiler frees gigabytes) until asked to return them.
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def report(phase, t0):
     s = _status()
     print(f"{phase:<28} RSS {s['VmRSS'] / 2**20:8.0f} MiB   phase peak "
@@ -57,7 +48,6 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="ve/cifar10_ncsnpp_continuous")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--trim", action="store_true", help="malloc_trim after init and compile")
     p.add_argument("--compile_cache_dir", default="",
                    help="persistent compilation cache ('auto': the project's default)")
     p.add_argument("--set", action="append", default=[],
@@ -82,11 +72,10 @@ def main():
         for k in parents:
             node = node[k]
         node[leaf] = ast.literal_eval(value)
-    # build() initializes the state and compiles the step ahead of its first call.
+    # build() initializes the state, compiles the step ahead of its first call and returns
+    # the compiler's freed memory to the OS, as training does.
     compiled, state, batch, _ = jax_train.build(config)
     jax.block_until_ready(state)
-    if args.trim:
-        _malloc_trim()
     report("init state + compile step", t0)
     mem = compiled.memory_analysis()
     if mem is not None:
