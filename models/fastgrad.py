@@ -2,7 +2,7 @@
 plain ones, with the same results.
 
 Measured on the CIFAR-10 NCSN++ train step (batch 8, 2 CPU cores) with XLA's per-operation
-profile, the plain formulations lose time in three places, each fixed here:
+profile, the plain formulations lose time in four places, each fixed here:
 
 * `channel_dense(x, w, b)`: a per-pixel dense layer over the channel axis (NIN, the attention
   projections, and 1x1 convolutions), x [..., C] @ w [C, D] + b [D]. Autodiff's weight
@@ -11,14 +11,19 @@ profile, the plain formulations lose time in three places, each fixed here:
   gradients of several layers), which it evaluates in a cache-hostile order (0.03-0.08 s per
   attention projection at 16x16). Here the tangent rule of the product is written by hand:
   the weight tangent's product uses x transposed and materialized, x^T [C, P], so the
-  transposed weight gradient is the plain matrix product x^T g, and an optimization barrier
-  on the tangent of the output becomes, transposed, a barrier on g, so g is materialized as
-  its producer computes it. As a 1x1 convolution it also replaces XLA's 1x1 convolution
-  kernels, whose weight gradient ran at a quarter of the 3x3 convolutions' FLOP rate.
-* `conv_general_dilated`: XLA's convolution with the same barrier on its output's cotangent;
-  XLA's own weight gradient transposes g to [H, W, B, C_out], and without the barrier it
-  fuses the whole GroupNorm backward into that transposing copy and evaluates it twice
-  (once per layout).
+  transposed weight gradient is the plain matrix product x^T g, and the tangent of the
+  output is materialized (`_materialized`), which transposed materializes g as its producer
+  computes it. As a 1x1 convolution it also replaces XLA's 1x1 convolution kernels, whose
+  weight gradient ran at a quarter of the 3x3 convolutions' FLOP rate.
+* `conv_general_dilated`: XLA's convolution with its output's cotangent materialized the same
+  way; XLA's own weight gradient transposes g to [H, W, B, C_out] and would otherwise fuse the
+  GroupNorm backward into that transposing copy and evaluate it twice (once per layout).
+* `cotangent_barrier`, on the residual sums of the NCSN++/DDPM++ blocks: the cotangent of a
+  block's output is an elementwise chain through the later blocks' skips, and XLA:CPU fused
+  (and recomputed) that chain, up to twelve blocks deep, into each of its consumers: 0.38 s
+  of a 5.6 s step in fusions of 40-117 operands, one of them 0.14 s. Materialized once per
+  block: 7% less time per step (4.09 vs 4.42 s, interleaved in one process) and 58 MB less
+  of XLA's temporaries (906 vs 964 MiB).
 * `dropout`: the keep mask from 16-bit halves of the random words (one threefry word per two
   elements instead of one per element, and no float conversion): the drop probability is
   rounded to a multiple of 2^-16 (0.1 becomes 0.1000061) and kept values are scaled by
@@ -26,7 +31,7 @@ profile, the plain formulations lose time in three places, each fixed here:
 
 The transposed copies of x are kept from the forward to the backward pass (for the CIFAR-10
 NCSN++ at batch 8, 55 MB more of XLA's temporary buffers) and the materialized cotangents
-coexist in the backward pass; both work against rematerialization, so rematerialized blocks
+can coexist in the backward pass; both work against rematerialization, so rematerialized blocks
 (config.training.remat) trace with the plain formulations (`disabled()`).
 
 Everything is written as custom JVPs, not VJPs, so forward-mode autodiff (the likelihood's
@@ -68,15 +73,43 @@ def enabled() -> bool:
     return _STATE["enabled"]
 
 
+def _materialized(t, y):
+    """`t`, computed into a buffer of its own and read from there by all its consumers.
+
+    XLA:CPU expands `lax.optimization_barrier` before fusion, so the barrier does not stop a
+    chain of elementwise operations from being fused (and recomputed) into each consumer.
+    A conditional does: its operand is computed before it runs. The predicate (`y`'s first
+    element is NaN) is unknown at compile time and both branches return `t` (the second as
+    t * 1.0, so that the two branches differ and the conditional is kept), so the value is
+    `t` whichever branch runs. Other backends keep the barrier.
+    """
+    if jax.default_backend() != "cpu":
+        return lax.optimization_barrier(t)
+    return lax.cond(jnp.isnan(y.reshape(-1)[0]), lambda t: t, lambda t: t * 1.0, t)
+
+
 @jax.custom_jvp
 def _cotangent_barrier(y):
-    """Identity whose tangent, and so (transposed) whose cotangent, passes a barrier."""
+    """The identity, whose tangent, and so (transposed) whose cotangent, is materialized."""
     return y
 
 
 @_cotangent_barrier.defjvp
 def _cotangent_barrier_jvp(primals, tangents):
-    return primals[0], lax.optimization_barrier(tangents[0])
+    y, t = primals[0], tangents[0]
+    return y, _materialized(t, y)
+
+
+def cotangent_barrier(y):
+    """The identity; in reverse mode its cotangent is computed once, into a buffer.
+
+    For residual sums (x + h) / sqrt(2): the cotangent of a block's output sums every later
+    use of it (the next block's skip and GroupNorm backward, the U-Net skip connections), all
+    elementwise, and without the barrier XLA:CPU fused that whole chain, through up to twelve
+    blocks, into each of its consumers (the convolutions' weight-gradient transposes, the
+    GroupNorm reductions), recomputing it per consumer.
+    """
+    return _cotangent_barrier(y) if enabled() else y
 
 
 def _dense_product(x, w, precision):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers, up_or_down_sampling
+from models import fastgrad, layers, up_or_down_sampling
 from models import precision as precision_lib
 
 conv1x1 = layers.ddpm_conv1x1
@@ -45,7 +45,8 @@ def _group_norm(x):
 
 def _residual_sum(x, h, skip_rescale: bool):
     # Dividing by sqrt(2) keeps the variance of the sum of two unit-variance branches at one.
-    return (x + h) / np.sqrt(2.0) if skip_rescale else x + h
+    out = (x + h) / np.sqrt(2.0) if skip_rescale else x + h
+    return fastgrad.cotangent_barrier(out)
 
 
 class GaussianFourierProjection(nn.Module):

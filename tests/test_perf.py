@@ -276,6 +276,29 @@ def test_conv_forward_and_reverse_mode_equal_plain(kernel):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_cotangent_barrier_is_the_identity_in_both_modes_and_materializes_on_cpu():
+    """The residual sums' barrier: value, tangent and cotangent pass unchanged (also for a
+    first element that is NaN, the other branch), and on CPU the gradient program carries the
+    conditional that keeps XLA from fusing the cotangent into its consumers."""
+    x = jax.random.normal(jax.random.PRNGKey(6), (2, 4, 4, 3))
+    t = jax.random.normal(jax.random.PRNGKey(7), x.shape)
+
+    def f(v):
+        return jnp.sin(fastgrad.cotangent_barrier(v * 2.0))
+
+    for v in (x, x.at[0, 0, 0, 0].set(jnp.nan)):
+        out, jvp = jax.jit(lambda v: jax.jvp(f, (v,), (t,)))(v)
+        np.testing.assert_array_equal(out, jnp.sin(v * 2.0))
+        np.testing.assert_allclose(jvp, jnp.cos(v * 2.0) * 2.0 * t, rtol=1e-6)
+        grad = jax.jit(jax.grad(lambda v: jnp.nansum(f(v) * t)))(v)
+        np.testing.assert_allclose(grad, jnp.cos(v * 2.0) * 2.0 * t, rtol=1e-6)
+    hlo = jax.jit(jax.grad(lambda v: jnp.sum(f(v) * t))).lower(x).as_text()
+    assert ("stablehlo.case" in hlo) == (jax.default_backend() == "cpu")
+    with fastgrad.disabled():
+        plain = jax.jit(jax.grad(lambda v: jnp.sum(f(v) * t))).lower(x).as_text()
+    assert "stablehlo.case" not in plain
+
+
 def test_dropout_drops_the_rate_and_keeps_the_mean():
     x = jnp.ones((64, 32, 32, 16))
     for rate in (0.1, 0.5):
