@@ -19,18 +19,19 @@ import sde_lib
 from models import utils as mutils
 
 
-def _load_runtime():
-    # run_lib/runtime.py depends on jax alone; loading it by path skips run_lib/__init__.py
-    # and the TensorFlow import that comes with it.
+def _load_run_lib_module(name):
+    # run_lib/runtime.py and run_lib/devices.py depend on jax and the models alone; loading
+    # them by path skips run_lib/__init__.py and the TensorFlow import that comes with it.
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "run_lib", "runtime.py")
-    spec = importlib.util.spec_from_file_location("_score_sde_runtime", path)
+                        "run_lib", name + ".py")
+    spec = importlib.util.spec_from_file_location("_score_sde_" + name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-runtime = _load_runtime()
+runtime = _load_run_lib_module("runtime")
+devices = _load_run_lib_module("devices")
 
 
 def build(config, seed: int = 0):
@@ -42,9 +43,12 @@ def build(config, seed: int = 0):
     sde = sde_lib.get_sde(config)
     model = mutils.create_model(config)
     optimizer = losses.get_optimizer(config)
-    init = jax.jit(lambda key: losses.init_train_state(key, config)[1],
-                   compiler_options=mutils.compiler_options())
-    state = init(jax.random.PRNGKey(seed))
+    # As run_lib initializes: a program compiled for one run and dropped with its executable,
+    # whose memory goes back to the OS before the step is compiled.
+    state = devices.compile_once(lambda key: losses.init_train_state(key, config)[1],
+                                 jax.random.PRNGKey(seed))
+    jax.block_until_ready(state)
+    runtime.release_host_memory()
     step = jax.jit(losses.get_step_fn(sde, model, True, optimizer, reduce_mean=tc.reduce_mean,
                                       continuous=tc.continuous,
                                       likelihood_weighting=tc.likelihood_weighting,
