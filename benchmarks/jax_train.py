@@ -32,6 +32,8 @@ def _load_run_lib_module(name):
 
 runtime = _load_run_lib_module("runtime")
 devices = _load_run_lib_module("devices")
+# As main.py does before JAX starts its threads: XLA's per-step temporaries reuse mapped pages.
+runtime.reuse_freed_host_memory()
 
 
 def build(config, seed: int = 0):

@@ -1,23 +1,81 @@
-"""Fixtures shared by the end-to-end tests."""
+"""Fixtures shared by the end-to-end tests.
 
+Under pytest-xdist, the session fixtures that train or write data are built once for all
+workers: the first worker to need one builds it in the session's shared temporary folder
+while holding a file lock, and the others wait for it and read the result.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
-from run_helpers import ENV, ROOT, TRAIN, main_args, meta_steps, run, write_fashion_subset
+from run_helpers import (
+    CACHE_ENV,
+    ENV,
+    ROOT,
+    TRAIN,
+    main_args,
+    meta_steps,
+    run,
+    write_fashion_subset,
+)
+
+
+def pytest_configure(config):
+    # Set before xdist starts its workers, which inherit it: one persistent compilation
+    # cache for all the subprocesses of the session, whichever worker starts them.
+    if not hasattr(config, "workerinput") and CACHE_ENV not in os.environ:
+        os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="score_sde_jax_cache_")
+
+
+@contextlib.contextmanager
+def _built_once(tmp_path_factory, name):
+    """(folder, result file) shared by the session's workers, under an exclusive lock."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder above every worker's own
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield folder, root / f"{name}.json"
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The first 64 training and 32 test images of the real Fashion-MNIST, as IDX files."""
-    return write_fashion_subset(tmp_path_factory.mktemp("fashion_subset"))
+    with _built_once(tmp_path_factory, "fashion_subset") as (folder, done):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            write_fashion_subset(folder)
+            done.write_text(json.dumps(str(folder)))
+        return json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, data_dir):
-    """An uninterrupted run and a run SIGKILLed mid-training then restarted, side by side."""
-    root = tmp_path_factory.mktemp("train")
+    """An uninterrupted run and a run SIGKILLed mid-training then restarted, side by side.
+
+    Tests copy these folders before changing anything in them."""
+    with _built_once(tmp_path_factory, "train") as (root, done):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            done.write_text(json.dumps(_train_side_by_side(root, data_dir)))
+        return json.loads(done.read_text())
+
+
+def _train_side_by_side(root, data_dir):
     straight, killed = str(root / "straight"), str(root / "killed")
     first = subprocess.Popen(main_args("train", straight, data_dir, *TRAIN), cwd=ROOT, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -21,8 +21,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# The session's cache folder (conftest.py sets it for all xdist workers), else one of our own.
+CACHE_ENV = "SCORE_SDE_TEST_JAX_CACHE"
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-       "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="score_sde_jax_cache_"),
+       "JAX_COMPILATION_CACHE_DIR": (os.environ.get(CACHE_ENV)
+                                     or tempfile.mkdtemp(prefix="score_sde_jax_cache_")),
        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
 # Training arguments shared by the runs that are compared with each other.
 TRAIN = ("--config.training.n_iters=12", "--config.training.snapshot_freq=6",
