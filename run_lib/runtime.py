@@ -1,6 +1,6 @@
-"""Process-wide JAX setup of a run: the persistent compilation cache, glibc's handling of
-freed host memory (reused by the next step, returned to the OS after compiling), and the CPU
-compiler options' home is `models.utils.compiler_options`.
+"""Process-wide JAX setup of a run: the persistent compilation cache and glibc's handling of
+freed host memory (reused by the next step, returned to the OS after compiling). The CPU
+compiler options are `models.utils.compiler_options`.
 
 The persistent cache stores every compiled program that took at least a second to compile
 under `config.training.compile_cache_dir` (default `$SCORE_SDE_CACHE/xla`, else

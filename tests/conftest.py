@@ -5,7 +5,6 @@ workers: the first worker to need one builds it in the session's shared temporar
 while holding a file lock, and the others wait for it and read the result.
 """
 
-import contextlib
 import fcntl
 import json
 import os
@@ -35,31 +34,26 @@ def pytest_configure(config):
         os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="score_sde_jax_cache_")
 
 
-@contextlib.contextmanager
-def _built_once(tmp_path_factory, name):
-    """(folder, result file) shared by the session's workers, under an exclusive lock."""
+def _built_once(tmp_path_factory, name, build):
+    """build(folder) -> a JSON-able result, run in a fresh `folder` by the first of the
+    session's workers to ask, under an exclusive lock; the others read its result."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the session's folder above every worker's own
-    folder = root / name
+    folder, done = root / name, root / f"{name}.json"
     with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield folder, root / f"{name}.json"
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_text(json.dumps(build(folder)))
+        return json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The first 64 training and 32 test images of the real Fashion-MNIST, as IDX files."""
-    with _built_once(tmp_path_factory, "fashion_subset") as (folder, done):
-        if not done.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            write_fashion_subset(folder)
-            done.write_text(json.dumps(str(folder)))
-        return json.loads(done.read_text())
+    return _built_once(tmp_path_factory, "fashion_subset", write_fashion_subset)
 
 
 @pytest.fixture(scope="session")
@@ -67,12 +61,8 @@ def trained(tmp_path_factory, data_dir):
     """An uninterrupted run and a run SIGKILLed mid-training then restarted, side by side.
 
     Tests copy these folders before changing anything in them."""
-    with _built_once(tmp_path_factory, "train") as (root, done):
-        if not done.exists():
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir()
-            done.write_text(json.dumps(_train_side_by_side(root, data_dir)))
-        return json.loads(done.read_text())
+    return _built_once(tmp_path_factory, "train",
+                       lambda folder: _train_side_by_side(folder, data_dir))
 
 
 def _train_side_by_side(root, data_dir):
