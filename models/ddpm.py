@@ -12,7 +12,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import layers
+from models import layers, normalization
 from models.utils import register_model
 
 
@@ -99,7 +99,7 @@ class DDPM(nn.Module):
                 h = layers.Upsample(with_conv=self.resamp_with_conv)(h)
         assert not hs, "every skip connection must be consumed"
 
-        h = act(nn.GroupNorm(num_groups=32, epsilon=1e-6)(h))
+        h = act(normalization.GroupNorm(num_groups=32, epsilon=1e-6)(h))
         h = layers.ddpm_conv3x3(h, x.shape[-1], init_scale=0.0)
 
         if self.scale_by_sigma:

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import fastgrad
+from models import fastgrad, normalization
 from models import precision as precision_lib
 
 
@@ -185,7 +185,7 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        h = nn.GroupNorm(num_groups=32, epsilon=1e-6)(x)
+        h = normalization.GroupNorm(num_groups=32, epsilon=1e-6)(x)
         q = NIN(c)(h)
         k = NIN(c)(h)
         v = NIN(c)(h)
@@ -241,11 +241,11 @@ class ResnetBlockDDPM(nn.Module):
     def __call__(self, x, temb=None, train: bool = True):
         c = x.shape[-1]
         out_ch = self.out_ch if self.out_ch else c
-        h = self.act(nn.GroupNorm(num_groups=32, epsilon=1e-6)(x))
+        h = self.act(normalization.GroupNorm(num_groups=32, epsilon=1e-6)(x))
         h = ddpm_conv3x3(h, out_ch)
         if temb is not None:
             h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
-        h = self.act(nn.GroupNorm(num_groups=32, epsilon=1e-6)(h))
+        h = self.act(normalization.GroupNorm(num_groups=32, epsilon=1e-6)(h))
         h = Dropout(self.dropout)(h, deterministic=not train)
         h = ddpm_conv3x3(h, out_ch, init_scale=0.0)
         if c != out_ch:

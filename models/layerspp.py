@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import fastgrad, layers, up_or_down_sampling
+from models import fastgrad, layers, normalization, up_or_down_sampling
 from models import precision as precision_lib
 
 conv1x1 = layers.ddpm_conv1x1
@@ -40,7 +40,7 @@ def _dense(features, precision):
 
 def _group_norm(x):
     """GroupNorm with min(C // 4, 32) groups and eps 1e-6, as in NCSN++."""
-    return nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), epsilon=1e-6)(x)
+    return normalization.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), epsilon=1e-6)(x)
 
 
 def _residual_sum(x, h, skip_rescale: bool):

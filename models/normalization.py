@@ -16,8 +16,52 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 _EPS = 1e-5
+
+
+class GroupNorm(nn.Module):
+    """Group normalization (Wu & He 2018) over all axes but the batch and the channels.
+
+    The parameters (`scale` [C] at one, `bias` [C] at zero), defaults and results of
+    `flax.linen.GroupNorm` (statistics in float32), computed in a form XLA:CPU runs several
+    times faster: per-channel sums over the positions first (a reduction over the rows of a
+    [B, positions, C] matrix), then over the channels of each group. The variance is the mean
+    of (x - mean)^2, not E[x^2] - E[x]^2, which loses most of its digits in float32 when the
+    mean is large against the spread.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels do not split into num_groups="
+                             f"{self.num_groups} groups.")
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        dtype = jnp.promote_types(x.dtype, jnp.float32)
+        rows = x.astype(dtype).reshape(x.shape[0], -1, c)
+        per_group = c // self.num_groups
+        count = rows.shape[1] * per_group
+
+        def group_mean(s):
+            # [B, C] channel sums -> [B, C] means of each channel's group.
+            m = s.reshape(-1, self.num_groups, per_group).sum(-1) / count
+            return jnp.repeat(m, per_group, axis=1)
+
+        mean = group_mean(rows.sum(1))
+        centered = rows - mean[:, None, :]
+        var = group_mean((centered * centered).sum(1))
+        shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+        mul = (lax.rsqrt(var + self.epsilon) * scale).reshape(shape)
+        # (x - mean) * mul + bias rather than x * mul + (bias - mean * mul): the same cost
+        # forward, but the gradient of the folded form kept a further activation-sized
+        # buffer alive in the CIFAR-10 NCSN++ train step (XLA temporaries 1025 vs 910 MiB).
+        return (x.astype(dtype) - mean.reshape(shape)) * mul + bias
 
 
 def _near_one(key, shape, dtype=jnp.float32):
@@ -137,7 +181,7 @@ _UNCONDITIONAL = {
     "InstanceNorm": InstanceNorm2d,
     "InstanceNorm++": InstanceNorm2dPlus,
     "VarianceNorm": VarianceNorm2d,
-    "GroupNorm": nn.GroupNorm,
+    "GroupNorm": GroupNorm,
 }
 _CONDITIONAL = ("InstanceNorm++",)
 

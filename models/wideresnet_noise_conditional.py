@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import normalization
 from models.utils import register_model
 
 # He-normal initialization with fan_out, as in the WRN reference implementations.
@@ -32,7 +33,7 @@ def _dense_out_init(key, shape, dtype=jnp.float32):
 
 def _group_norm(x, name: str):
     # One group per 4 channels, at most 32 groups.
-    return nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), epsilon=1e-5, name=name)(x)
+    return normalization.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), epsilon=1e-5, name=name)(x)
 
 
 def _output_add(block_x, orig_x):

@@ -84,6 +84,44 @@ def test_instance_norm_and_variance_norm_match_numpy():
     np.testing.assert_allclose(module.apply(variables, x), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,groups", [((3, 5, 6, 8), 2), ((2, 4, 4, 64), 32),
+                                          ((2, 7, 12), 3)])
+def test_group_norm_matches_numpy_and_flax_in_value_and_derivatives(shape, groups):
+    import flax.linen as nn
+
+    x = _image(jax.random.PRNGKey(20), shape) * 3.0 + 5.0
+    module = normalization.GroupNorm(num_groups=groups, epsilon=1e-6)
+    variables = _random_params(module.init(jax.random.PRNGKey(21), x), jax.random.PRNGKey(22))
+    p = {k: np.asarray(v, np.float64) for k, v in variables["params"].items()}
+    assert set(p) == {"scale", "bias"} and p["scale"].shape == (shape[-1],)
+    xn = np.asarray(x, np.float64).reshape(shape[0], -1, groups, shape[-1] // groups)
+    mu, s2 = xn.mean(axis=(1, 3), keepdims=True), xn.var(axis=(1, 3), keepdims=True)
+    expected = ((xn - mu) / np.sqrt(s2 + 1e-6)).reshape(shape) * p["scale"] + p["bias"]
+    np.testing.assert_allclose(module.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+    # Parameters, value, gradient and JVP as flax.linen.GroupNorm's (two-pass variance, as
+    # ours), for checkpoints and the likelihood's divergence (forward mode) alike.
+    ref = nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False)
+    assert jax.tree_util.tree_map(jnp.shape, ref.init(jax.random.PRNGKey(21), x)) == \
+        jax.tree_util.tree_map(jnp.shape, variables)
+    w = jax.random.normal(jax.random.PRNGKey(23), shape)
+
+    def loss(m):
+        return lambda v, x: jnp.sum(jnp.tanh(m.apply(v, x)) * w)
+    for ours, theirs in zip(jax.tree_util.tree_leaves(jax.grad(loss(module), (0, 1))(variables, x)),
+                            jax.tree_util.tree_leaves(jax.grad(loss(ref), (0, 1))(variables, x)),
+                            strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+    t = jax.random.normal(jax.random.PRNGKey(24), shape)
+    ours = jax.jvp(lambda x: module.apply(variables, x), (x,), (t,))[1]
+    theirs = jax.jvp(lambda x: ref.apply(variables, x), (x,), (t,))[1]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_group_norm_refuses_channels_that_do_not_split_into_groups():
+    with pytest.raises(ValueError, match="6 channels.*num_groups=4"):
+        normalization.GroupNorm(num_groups=4).init(jax.random.PRNGKey(0), jnp.ones((1, 2, 2, 6)))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_conditional_instance_norm_plus_matches_numpy(bias):
     num_classes, c = 4, 3
