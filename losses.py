@@ -20,29 +20,36 @@ from models import layerspp
 from models import utils as mutils
 from sde_lib import SDE, batch_mul
 
+OPTIMIZERS = ("adam", "adamw")
+
+
+def adam(lr: float, warmup: int = 0, beta1: float = 0.9, eps: float = 1e-8,
+         grad_clip: float = -1.0, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """Adam with the reference's linear warmup and optional global-norm clipping.
+
+    lr_t = lr * min(t / warmup, 1), t the number of updates already made (yang-song/score_sde
+    losses.optimization_manager). A negative `grad_clip` disables clipping; `weight_decay` > 0
+    makes it AdamW (decoupled decay), which skips the fixed parameters (Fourier features):
+    their zero gradients give zero Adam updates, but decay would still shrink them.
+    """
+    warmup = int(warmup)
+    schedule = (lambda count: lr * jnp.minimum(count / warmup, 1.0)) if warmup > 0 else lr
+    if weight_decay > 0:
+        opt = optax.adamw(schedule, b1=beta1, b2=0.999, eps=eps, weight_decay=weight_decay,
+                          mask=layerspp.trainable_mask)
+    else:
+        opt = optax.adam(schedule, b1=beta1, b2=0.999, eps=eps)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip >= 0 else opt
+
 
 def get_optimizer(config) -> optax.GradientTransformation:
-    """Adam with linear learning-rate warmup and optional global-norm clipping.
-
-    Reads config.optim.{optimizer, lr, beta1, eps, warmup, grad_clip, weight_decay}; a
-    negative grad_clip disables clipping.
-    """
+    """The score model's optimizer from config.optim.{optimizer, lr, beta1, eps, warmup,
+    grad_clip, weight_decay} (the reference's config-taking entry point)."""
     optim = config.optim
-    if optim.optimizer.lower() not in ("adam", "adamw"):
+    if optim.optimizer.lower() not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {optim.optimizer!r}; valid names: ['Adam', 'AdamW'].")
-    warmup = int(optim.warmup)
-    # lr_t = lr * min(t / warmup, 1), with t the number of updates already made.
-    schedule = (lambda count: optim.lr * jnp.minimum(count / warmup, 1.0)) if warmup > 0 \
-        else optim.lr
-    weight_decay = float(getattr(optim, "weight_decay", 0.0))
-    # Fixed parameters (Fourier features) get zero gradients, which Adam turns into zero
-    # updates; decoupled weight decay would still shrink them, so it skips them.
-    adam = optax.adamw(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps,
-                       weight_decay=weight_decay, mask=layerspp.trainable_mask) \
-        if weight_decay > 0 else optax.adam(schedule, b1=optim.beta1, b2=0.999, eps=optim.eps)
-    if optim.grad_clip >= 0:
-        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam)
-    return adam
+    return adam(optim.lr, warmup=optim.warmup, beta1=optim.beta1, eps=optim.eps,
+                grad_clip=optim.grad_clip, weight_decay=float(optim.get("weight_decay", 0.0)))
 
 
 def _reduce(x, reduce_mean: bool):

@@ -31,7 +31,7 @@ from absl import logging
 
 import controllable_generation as cg
 import datasets
-from models import layerspp
+import losses
 from models import utils as mutils
 from run_lib import checkpoints, files, logs
 from run_lib.checks import ConfigError, UsageError, prepare
@@ -59,19 +59,10 @@ def classifier_dir(workdir: str) -> str:
 
 
 def get_optimizer(config) -> optax.GradientTransformation:
-    """AdamW with linear warmup and global-norm clipping from config.classifier.
-
-    The transform chain is the same whatever the values (clipping off = an infinite norm,
-    no decay = a zero rate), so a checkpoint's optimizer state fits any of them.
-    """
+    """The score model's optimizer (`losses.adam`) with config.classifier's settings."""
     c = config.classifier
-    warmup = max(int(c.warmup), 1)
-    schedule = lambda count: c.lr * jnp.minimum((count + 1) / warmup, 1.0)
-    clip = float(c.grad_clip) if c.grad_clip >= 0 else float("inf")
-    return optax.chain(optax.clip_by_global_norm(clip),
-                       optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                                   weight_decay=float(c.weight_decay),
-                                   mask=layerspp.trainable_mask))
+    return losses.adam(c.lr, warmup=c.warmup, grad_clip=c.grad_clip,
+                       weight_decay=float(c.weight_decay))
 
 
 def logit_fn(config, classifier, params):

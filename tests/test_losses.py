@@ -278,6 +278,23 @@ def test_optimizer_warmup_and_clipping():
     np.testing.assert_allclose(state[0].mu["w"], 0.1 * np.asarray(grads["w"]), rtol=1e-6)
 
 
+def test_classifier_trains_with_the_same_optimizer_factory():
+    # One optimizer factory: the classifier's settings give the same updates as the score
+    # model's optimizer with those settings (the reference's warm-up: lr 0 at the first update).
+    from run_lib import classifier
+
+    c = ml_collections.ConfigDict(dict(classifier=dict(lr=1.0, warmup=4, grad_clip=1.0,
+                                                       weight_decay=0.0)))
+    params, grads = {"w": jnp.zeros(3)}, {"w": jnp.asarray([30.0, 40.0, 0.0])}
+    ours, theirs = classifier.get_optimizer(c), losses.get_optimizer(_config(lr=1.0, warmup=4))
+    s1, s2 = ours.init(params), theirs.init(params)
+    for expected in (0.0, -0.25):
+        u1, s1 = ours.update(grads, s1, params)
+        u2, s2 = theirs.update(grads, s2, params)
+        np.testing.assert_allclose(u1["w"][:2], expected, atol=1e-6, rtol=1e-4)
+        np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
+
+
 def test_unknown_optimizer_is_refused():
     c = _config()
     c.optim.optimizer = "sgdx"
