@@ -21,7 +21,6 @@ import numpy as np
 
 import sampling
 import sde_lib
-from sde_lib import batch_mul
 
 # Orthonormal colour basis: columns gray (1, 1, 1)/sqrt 3, then two chroma directions.
 _COLOR_BASIS = np.stack([np.ones(3) / np.sqrt(3), np.array([-2.0, 1.0, 1.0]) / np.sqrt(6),
@@ -52,8 +51,7 @@ def _replacement_sampler(sde, predictor, corrector, inverse_scaler, snr, n_steps
     def sample(rng, score_fn, data, mask):
         def project(rng, x, x_mean, t):
             # Known coordinates <- a fresh sample of p_t(. | data) (App. I.2).
-            mean, std = sde.marginal_prob(data, t)
-            noisy = mean + batch_mul(std, jax.random.normal(rng, data.shape, data.dtype))
+            noisy, mean, _ = sde.perturb(data, t, jax.random.normal(rng, data.shape, data.dtype))
             y, y_mean = to_basis(x), to_basis(x_mean)
             return (from_basis(y * (1 - mask) + noisy * mask),
                     from_basis(y_mean * (1 - mask) + mean * mask))

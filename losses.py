@@ -73,8 +73,7 @@ def get_sde_loss_fn(sde: SDE, model, train: bool, reduce_mean: bool = True,
         t_rng, z_rng, dropout_rng = jax.random.split(rng, 3)
         t = jax.random.uniform(t_rng, (batch.shape[0],), minval=eps, maxval=sde.T)
         z = jax.random.normal(z_rng, batch.shape)
-        mean, std = sde.marginal_prob(batch, t)
-        perturbed = mean + batch_mul(std, z)
+        perturbed, _, std = sde.perturb(batch, t, z)
         score, new_states = score_fn(perturbed, t, dropout_rng)
         if likelihood_weighting:
             g2 = sde.sde(jnp.zeros_like(batch), t)[1] ** 2

@@ -58,7 +58,7 @@ def _table(values) -> jax.Array:
     return jnp.asarray(np.asarray(values, np.float64), jnp.float32)
 
 
-def _timestep(t, N, T):
+def timestep(t, N, T):
     """Index i = int(t (N - 1) / T) of the discrete step that continuous time t falls on."""
     return (t * (N - 1) / T).astype(jnp.int32)
 
@@ -92,6 +92,12 @@ class SDE(abc.ABC):
     @abc.abstractmethod
     def marginal_prob(self, x, t):
         """Parameters of p_t(x(t) | x(0) = x): (mean [B, ...], std [B])."""
+
+    def perturb(self, x, t, z):
+        """x(t) = mean + std z, a draw of p_t(x(t) | x(0) = x) given z ~ N(0, I) shaped like x
+        (the perturbed data of Eq. 7). Returns (x(t), mean, std [B])."""
+        mean, std = self.marginal_prob(x, t)
+        return mean + batch_mul(std, z), mean, std
 
     @abc.abstractmethod
     def prior_sampling(self, rng, shape):
@@ -168,23 +174,6 @@ class SDE(abc.ABC):
 
         lo, hi = jax.lax.fori_loop(0, 64, halve, (jnp.zeros_like(lam), jnp.full_like(lam, self.T)))
         return 0.5 * (lo + hi)
-
-    # Score-model conventions (as yang-song/score_sde models/utils.get_score_fn). The default
-    # treats the network output as a noise prediction scaled by 1/std, which is valid for any
-    # SDE with a Gaussian perturbation kernel.
-
-    def model_labels(self, t, continuous: bool = True):
-        """Noise-level labels fed to the network for times t [B]."""
-        if not continuous:
-            raise NotImplementedError(f"{type(self).__name__} has no discrete label convention.")
-        return t * 999.0
-
-    def output_to_score(self, output, t, continuous: bool = True):
-        """Turns the network output [B, ...] at times t [B] into a score."""
-        if not continuous:
-            raise NotImplementedError(f"{type(self).__name__} has no discrete label convention.")
-        std = self.marginal_prob(jnp.zeros_like(output), t)[1]
-        return batch_mul(-1.0 / std, output)
 
     def reverse(self, score_fn, probability_flow: bool = False) -> SDE:
         """The reverse-time SDE (Eq. 6) or probability-flow ODE (Eq. 13) given `score_fn`.
@@ -303,31 +292,19 @@ class VPSDE(SDE):
 
     def discretize(self, x, t):
         """DDPM: x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z_i."""
-        i = _timestep(t, self.N, self.T)
+        i = timestep(t, self.N, self.T)
         beta, alpha = self.discrete_betas[i], self.alphas[i]
         f = batch_mul(jnp.sqrt(alpha), x) - x
         return f, jnp.sqrt(beta)
 
     def langevin_alpha(self, t):
-        return self.alphas[_timestep(t, self.N, self.T)]
+        return self.alphas[timestep(t, self.N, self.T)]
 
     def ancestral_update(self, x, t, score):
         """DDPM ancestral step: x_mean = (x + beta_i s) / sqrt(1 - beta_i), std = sqrt(beta_i)."""
-        beta = self.discrete_betas[_timestep(t, self.N, self.T)]
+        beta = self.discrete_betas[timestep(t, self.N, self.T)]
         x_mean = batch_mul(1.0 / jnp.sqrt(1.0 - beta), x + batch_mul(beta, score))
         return x_mean, jnp.sqrt(beta)
-
-    def model_labels(self, t, continuous: bool = True):
-        if continuous:
-            return t * 999.0
-        return t * (self.N - 1)
-
-    def output_to_score(self, output, t, continuous: bool = True):
-        if continuous:
-            std = self.marginal_prob(jnp.zeros_like(output), t)[1]
-        else:
-            std = self.sqrt_1m_alphas_cumprod[(t * (self.N - 1)).astype(jnp.int32)]
-        return batch_mul(-1.0 / std, output)
 
 
 class subVPSDE(SDE):
@@ -378,17 +355,7 @@ class subVPSDE(SDE):
         return _standard_normal_logp(z)
 
     def langevin_alpha(self, t):
-        return self.alphas[_timestep(t, self.N, self.T)]
-
-    # Sub-VP has no discrete chain of its own; like the reference's score wrapper
-    # (yang-song/score_sde models/utils.py, get_score_fn), it uses the continuous convention
-    # (labels 999 t, score = -output / std(t)) whatever `continuous` says.
-
-    def model_labels(self, t, continuous: bool = True):
-        return super().model_labels(t, continuous=True)
-
-    def output_to_score(self, output, t, continuous: bool = True):
-        return super().output_to_score(output, t, continuous=True)
+        return self.alphas[timestep(t, self.N, self.T)]
 
 
 class VESDE(SDE):
@@ -436,7 +403,7 @@ class VESDE(SDE):
                 - _sum_except_batch(z**2) / (2 * self.sigma_max**2))
 
     def _adjacent_sigmas(self, t):
-        i = _timestep(t, self.N, self.T)
+        i = timestep(t, self.N, self.T)
         sigmas = self.discrete_sigmas
         sigma = sigmas[i]
         adjacent = jnp.where(i == 0, jnp.zeros_like(sigma), sigmas[jnp.maximum(i - 1, 0)])
@@ -453,15 +420,6 @@ class VESDE(SDE):
         x_mean = x + batch_mul(sigma**2 - adjacent**2, score)
         std = jnp.sqrt(adjacent**2 * (sigma**2 - adjacent**2) / sigma**2)
         return x_mean, std
-
-    def model_labels(self, t, continuous: bool = True):
-        if continuous:
-            return self.sigma(t)
-        # NCSN networks index their noise levels from sigma_max down to sigma_min.
-        return jnp.round((self.T - t) * (self.N - 1)).astype(jnp.int32)
-
-    def output_to_score(self, output, t, continuous: bool = True):
-        return output
 
 
 _SDES = {"vesde": VESDE, "vpsde": VPSDE, "subvpsde": subVPSDE}

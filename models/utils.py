@@ -6,8 +6,7 @@ A score model is a flax.linen Module with typed fields (for example
 `model.apply(variables, x [B, H, W, C], labels [B], train=bool)`. `create_model(config)` is the
 one place that reads a config for a network: it fills the registered module's fields by name.
 `get_score_fn` turns a network into the `score_fn(x, t)` that samplers, losses and likelihoods
-consume, following the label conventions of the paper (they live on the SDE classes; see
-`sde_lib`).
+consume, following the label conventions of the paper (they live in `score_model`).
 """
 
 from __future__ import annotations
@@ -282,21 +281,13 @@ def get_model_fn(model, params, states, train: bool = False):
 
 def get_score_fn(sde, model, params, states, train: bool = False, continuous: bool = False,
                  return_state: bool = False):
-    """Wraps a score network as score_fn(x [B, ...], t [B], rng=None) -> score [B, ...].
+    """The reference's signature: score_fn(x [B, ...], t [B], rng=None) -> score [B, ...] of
+    `model` under `sde`'s label convention (`score_model.for_sde`; with `return_state`,
+    (score, new_states))."""
+    import score_model  # here: score_model imports this module
 
-    Labels and output scaling come from the SDE (VE continuous: sigma(t), output is the
-    score; VP / sub-VP continuous: 999 t, score = -output / std(t); discrete: timestep
-    indices). With `return_state`, returns (score, new_states) instead.
-    """
-    model_fn = get_model_fn(model, params, states, train=train)
-
-    def score_fn(x, t, rng=None):
-        labels = sde.model_labels(t, continuous)
-        output, new_states = model_fn(x, labels, rng)
-        score = sde.output_to_score(output, t, continuous)
-        return (score, new_states) if return_state else score
-
-    return score_fn
+    return score_model.for_sde(sde, model, continuous).score_fn(params, states, train=train,
+                                                                return_state=return_state)
 
 
 @flax.struct.dataclass

@@ -38,7 +38,6 @@ from run_lib.checks import ConfigError, UsageError, prepare
 from run_lib.devices import batch_sharded, compile_once, make_mesh, replicated, to_global
 from run_lib.interrupt import Interrupted, interrupted
 from run_lib.steps import build
-from sde_lib import batch_mul
 
 # Input normalisations by config.classifier.input_normalization: (mean, std) per channel.
 NORMALIZATIONS = {"none": (None, None), "cifar10": (cg.CIFAR10_MEAN, cg.CIFAR10_STD)}
@@ -96,8 +95,8 @@ def abstract_state(config, sharding):
 
 def perturb(sde, x, rng, t):
     """x(t) = mean(x, t) + std(t) z and std(t) [B]: what the classifier sees."""
-    mean, std = sde.marginal_prob(x, t)
-    return mean + batch_mul(std, jax.random.normal(rng, x.shape, x.dtype)), std
+    xt, _, std = sde.perturb(x, t, jax.random.normal(rng, x.shape, x.dtype))
+    return xt, std
 
 
 # ---------------------------------------------------------------------------- data

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import score_model
 import sde_lib
 from models import utils as mutils
 
@@ -98,10 +99,37 @@ def test_sde_without_discrete_chain_refuses_discrete_labels():
         _score(_UnitOU(10), False)
 
 
+def test_a_convention_registered_for_an_sde_class_serves_its_subclasses():
+    # A researcher's SDE gets the default convention (999 t, -output / std); registering a
+    # ScoreModel subclass for it (or a base class) changes the labels its network sees.
+    assert type(score_model.for_sde(_UnitOU(10), None)) is score_model.ScoreModel
+
+    class _Sub(_UnitOU):
+        pass
+
+    @score_model.register_convention(_UnitOU)
+    class _HalfLabels(score_model.ScoreModel):
+        def labels(self, t):
+            return t / 2
+
+    try:
+        assert type(score_model.for_sde(_Sub(10), None)) is _HalfLabels
+        np.testing.assert_allclose(_score(_Sub(10), True), (T / 2) / -np.sqrt(1 - np.exp(-T)),
+                                   rtol=1e-5)
+    finally:
+        score_model._CONVENTIONS.pop(_UnitOU)
+    assert type(score_model.for_sde(_VE(), None)) is score_model.VEScoreModel
+
+
+class _VE(sde_lib.VESDE):
+    """A VE subclass keeps the VE convention."""
+
+
 def test_labels_reach_the_network_unchanged():
     sde = sde_lib.VESDE(N=10)
     model = RecordingStub()
-    _, state = model.apply({}, X, sde.model_labels(jnp.asarray(T), False),
+    labels = score_model.for_sde(sde, model, continuous=False).labels(jnp.asarray(T))
+    _, state = model.apply({}, X, labels,
                            mutable=["intermediates"])
     np.testing.assert_array_equal(state["intermediates"]["labels"][0], np.round((1 - T) * 9))
 
