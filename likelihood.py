@@ -29,10 +29,6 @@ import sde_lib
 _HUTCHINSON_TYPES = ("Rademacher", "Gaussian")
 
 
-def _sum_except_batch(x):
-    return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
-
-
 def _probe(rng, shape, hutchinson_type: str):
     if hutchinson_type == "Gaussian":
         return jax.random.normal(rng, shape)
@@ -66,7 +62,7 @@ def _augmented_drift(sde, score_fn):
         vec_t = jnp.full((x.shape[0],), t, x.dtype)
         # One JVP yields the drift and the Jacobian-probe product together.
         f, jac_v = jax.jvp(lambda y: rsde.sde(y, vec_t)[0], (x,), (probe,))
-        return f, _sum_except_batch(jac_v * probe)
+        return f, sde_lib.sum_except_batch(jac_v * probe)
 
     return drift
 

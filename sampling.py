@@ -29,9 +29,7 @@ import jax.numpy as jnp
 
 import ode
 import sde_lib
-from sde_lib import batch_mul
-
-ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+from sde_lib import ScoreFn, batch_mul
 
 _PREDICTORS: dict[str, type] = {}
 _CORRECTORS: dict[str, type] = {}

@@ -13,6 +13,7 @@ diffusion coefficient are returned with shape [B] and broadcast with `batch_mul`
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,13 @@ def _as_float(x) -> jax.Array:
     return jnp.asarray(x, jnp.result_type(x, float))
 
 
-def _sum_except_batch(x):
+def sum_except_batch(x):
+    """[B, ...] -> [B]: the sum over every axis but the first."""
     return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
+
+
+# A score function: score_fn(x [B, ...], t [B]) -> the score, shaped like x.
+ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def ve_discrete_sigmas(sigma_min: float, sigma_max: float, N: int) -> np.ndarray:
@@ -229,7 +235,7 @@ class ReverseSDE(SDE):
 
 def _standard_normal_logp(z):
     D = np.prod(z.shape[1:])
-    return -D / 2.0 * jnp.log(2 * jnp.pi) - _sum_except_batch(z**2) / 2.0
+    return -D / 2.0 * jnp.log(2 * jnp.pi) - sum_except_batch(z**2) / 2.0
 
 
 def _t_from_log_mean_coeff(beta_0: float, beta_1: float, m):
@@ -400,7 +406,7 @@ class VESDE(SDE):
     def prior_logp(self, z):
         D = np.prod(z.shape[1:])
         return (-D / 2.0 * np.log(2 * np.pi * self.sigma_max**2)
-                - _sum_except_batch(z**2) / (2 * self.sigma_max**2))
+                - sum_except_batch(z**2) / (2 * self.sigma_max**2))
 
     def _adjacent_sigmas(self, t):
         i = timestep(t, self.N, self.T)
