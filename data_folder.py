@@ -142,8 +142,8 @@ def _cache_key(root: str, names: list[str], size: int, channels: int) -> str:
     return h.hexdigest()[:20]
 
 
-def _open_cache(npy: str, index: str, count: int, size: int, channels: int):
-    """The cached images and index, or None when absent or not matching."""
+def _open_cache(npy: str, index: str, count: int | None, size: int, channels: int):
+    """The cached images and index, or None when absent or not matching (count None: any)."""
     if not (os.path.isfile(index) and os.path.isfile(npy)):
         return None
     try:
@@ -152,8 +152,9 @@ def _open_cache(npy: str, index: str, count: int, size: int, channels: int):
         images = np.load(npy, mmap_mode="r")
     except (OSError, ValueError):
         return None
-    if images.shape != (count, size, size, channels) or images.dtype != np.uint8 \
-            or meta.get("version") != CACHE_VERSION:
+    n = len(meta.get("names", ()))
+    if images.shape != (n, size, size, channels) or images.dtype != np.uint8 \
+            or meta.get("version") != CACHE_VERSION or count not in (None, n):
         return None
     return images, meta
 
@@ -209,9 +210,10 @@ def _npz_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     elif x.dtype != np.uint8:
         raise DataError(f"{path}: dtype {x.dtype}; expected uint8, or float in [0, 1].")
     labels = None
-    with np.load(path, allow_pickle=False) as data:
-        if "labels" in data:
-            labels = np.asarray(data["labels"])
+    data = np.load(path, allow_pickle=False)  # read once already by _npz_array
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            labels = np.asarray(data["labels"]) if "labels" in data else None
     if labels is not None:
         if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer) \
                 or (len(labels) and labels.min() < 0):
@@ -257,7 +259,17 @@ def cached_images(path: str, image_size: int, channels: int, cache_dir: str,
     key = _cache_key(root, names, image_size, channels)
     npy = os.path.join(cache_dir, f"folder-{key}.npy")
     index = os.path.join(cache_dir, f"folder-{key}.json")
-    labels = None
+    cached = _open_cache(npy, index, None if is_npz else len(names), image_size, channels)
+    if cached is None:
+        cached = _build(path, names, is_npz, image_size, channels, npy, index, workers)
+    images, meta = cached
+    return CachedImages(images=images, names=tuple(meta["names"]),
+                        classes=tuple(meta["classes"]),
+                        class_index=np.asarray(meta["class_index"], np.int32), path=npy)
+
+
+def _build(path, names, is_npz, image_size, channels, npy, index, workers):
+    """Decodes the images of `path` into the cache files; returns them opened."""
     if is_npz:
         x, labels = _npz_images(path)
         count, fill = len(x), _npz_fill(x, image_size, channels)
@@ -271,22 +283,17 @@ def cached_images(path: str, image_size: int, channels: int, cache_dir: str,
         count = len(names)
         workers = workers or min(16, os.cpu_count() or 1)
         fill = lambda out: _decode_into(out, path, names, image_size, channels, workers)
+    start = time.time()
+    logging.info("Decoding %d images of %s into the cache %s ...", count, path, npy)
+    meta = {"version": CACHE_VERSION, "source": os.path.abspath(path),
+            "image_size": image_size, "channels": channels, "names": names,
+            "classes": list(classes), "class_index": class_index.tolist()}
+    _write_cache(npy, index, count, image_size, channels, fill, meta)
+    logging.info("Decoded %d images in %.1f s.", count, time.time() - start)
     cached = _open_cache(npy, index, count, image_size, channels)
     if cached is None:
-        start = time.time()
-        logging.info("Decoding %d images of %s into the cache %s ...", count, path, npy)
-        meta = {"version": CACHE_VERSION, "source": os.path.abspath(path),
-                "image_size": image_size, "channels": channels, "names": names,
-                "classes": list(classes), "class_index": class_index.tolist()}
-        _write_cache(npy, index, count, image_size, channels, fill, meta)
-        logging.info("Decoded %d images in %.1f s.", count, time.time() - start)
-        cached = _open_cache(npy, index, count, image_size, channels)
-        if cached is None:
-            raise DataError(f"{npy}: the cache just written cannot be read back.")
-    images, meta = cached
-    return CachedImages(images=images, names=tuple(meta["names"]),
-                        classes=tuple(meta["classes"]),
-                        class_index=np.asarray(meta["class_index"], np.int32), path=npy)
+        raise DataError(f"{npy}: the cache just written cannot be read back.")
+    return cached
 
 
 def holdout_split(names: tuple[str, ...] | list[str], fraction: float) -> tuple[np.ndarray,

@@ -626,6 +626,9 @@ def folder(config, request: LoadRequest) -> Splits:
         counts = (len(train.names), len(held.names))
     elif fraction > 0:
         train_idx, eval_idx = data_folder.holdout_split(train.names, fraction)
+        if not len(eval_idx):
+            raise DataError(f"{data.data_dir}: holds {len(train.names)} image(s); "
+                            f"config.data.eval_fraction={fraction} needs at least 2.")
         train_split = ArraySplit(train.images, labels, train_idx)
         eval_split = ArraySplit(train.images, labels, eval_idx)
         counts = (len(train_idx), len(eval_idx))
