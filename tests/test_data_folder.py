@@ -404,3 +404,23 @@ def test_folder_trains_evaluates_samples_and_trains_a_classifier(tmp_path):
     assert os.stat(os.path.join(cache, npy)).st_mtime_ns == stamp
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["data"]["cache_dir"] == cache
+
+
+def test_training_pipeline_position_saves_and_restores(tmp_path):
+    # run_lib.checkpoints saves each host's pipeline position with tf.train.Checkpoint; a
+    # resumed run must continue with the batches an uninterrupted one would have read.
+    import tensorflow as tf
+
+    root = write_folder(tmp_path / "data", copies=2)
+    config = make_config(root, tmp_path / "cache", random_flip=True)
+    config.training.batch_size = 3
+    first = iter(datasets.get_dataset(config)[0])
+    for _ in range(5):  # past the first epoch of 14 images
+        first.get_next()
+    tf.train.Checkpoint(iterator=first).write(str(tmp_path / "state" / "pipeline"))
+    expected = [first.get_next()["image"].numpy() for _ in range(4)]
+    second = iter(datasets.get_dataset(config)[0])
+    tf.train.Checkpoint(iterator=second).read(str(tmp_path / "state" / "pipeline")) \
+        .assert_consumed()
+    for want in expected:
+        np.testing.assert_array_equal(second.get_next()["image"].numpy(), want)
