@@ -424,3 +424,19 @@ def test_training_pipeline_position_saves_and_restores(tmp_path):
         .assert_consumed()
     for want in expected:
         np.testing.assert_array_equal(second.get_next()["image"].numpy(), want)
+
+
+def test_fid_stats_file_names_one_folder():
+    import evaluation
+
+    config = make_config("/data/faces", "/tmp/cache", image_size=64)
+    config.eval = ml_collections.ConfigDict(dict(stats_dir="/stats"))
+    path = evaluation.dataset_stats_path(config)
+    assert os.path.dirname(path) == "/stats"
+    assert os.path.basename(path).startswith("folder_faces_") and path.endswith("_64_stats.npz")
+    config.data.data_dir = "/data/cars"
+    assert evaluation.dataset_stats_path(config) != path  # another folder, another file
+    config.data.data_dir, config.data.num_channels = "/data/faces", 1
+    assert evaluation.dataset_stats_path(config) != path  # grey: other statistics
+    config.data.dataset = "tfds:lsun/tower"
+    assert evaluation.dataset_stats_path(config) == "/stats/tfds_lsun_tower_64_stats.npz"
