@@ -748,8 +748,11 @@ def _raw_dataset(name: str, which: str, split, shuffle_seed: int | None) -> tf.d
     return _array_dataset(name, which, split, shuffle_seed)
 
 
-def _pipeline(ds, config, spec, local_batch, *, split_id, evaluation, dequantize, stream):
-    """Shuffles and repeats (training), preprocesses, dequantizes, flips and batches a split."""
+def _pipeline(ds, config, spec, local_batch, *, split_id, evaluation, dequantize, stream,
+              shuffled=False):
+    """Shuffles and repeats (training), preprocesses, dequantizes, flips and batches a split.
+    `shuffled`: the raw examples already come in a fresh random order every pass (arrays:
+    `_array_dataset`), so no shuffle buffer of decoded images is needed."""
     seed, size = int(config.seed), int(config.data.image_size)
     channels = spec.channels or int(config.data.num_channels)
     flip = bool(config.data.random_flip) and split_id == 0 and not evaluation
@@ -760,7 +763,7 @@ def _pipeline(ds, config, spec, local_batch, *, split_id, evaluation, dequantize
         # 10000 as in the reference; a smaller optional config.data.shuffle_buffer_size saves
         # memory at high resolution (the buffer holds decoded images).
         buffer = int(config.data.get("shuffle_buffer_size", SHUFFLE_BUFFER_SIZE))
-        ds = ds.repeat().shuffle(buffer, seed=stream + split_id)
+        ds = ds.repeat() if shuffled else ds.repeat().shuffle(buffer, seed=stream + split_id)
     # A running index keys the per-example noise, so results do not depend on map parallelism.
     ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), ds)
 
@@ -827,7 +830,8 @@ def get_dataset(
     train_ds, eval_ds = (
         _pipeline(_raw_dataset(spec.name, which, split, None if evaluation else stream + i),
                   config, spec, local_batch, split_id=i, evaluation=evaluation,
-                  dequantize=uniform_dequantization, stream=stream)
+                  dequantize=uniform_dequantization, stream=stream,
+                  shuffled=not isinstance(split, tf.data.Dataset))
         for i, (which, split) in enumerate((("train", splits.train), ("eval", splits.eval)))
     )
     return train_ds, eval_ds, splits.source
