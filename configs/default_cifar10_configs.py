@@ -169,6 +169,13 @@ def _data() -> ml_collections.ConfigDict:
     data.download = False  # let tfds download and prepare a missing data set (needs internet)
     data.tfrecords_path = ""  # FFHQ / CelebA-HQ TFRecord file
     data.category = ""  # LSUN category, e.g. 'bedroom' or 'church_outdoor'
+    # dataset='folder' (images under data_dir, or an .npz; docs/data.md): the evaluation split
+    # is the folder eval_dir, else the held-out fraction eval_fraction of data_dir, else data_dir
+    data.eval_dir = ""
+    data.eval_fraction = 0.0
+    # decoded-image cache of 'folder'; '' = <workdir>/data_cache
+    data.cache_dir = ""
+    data.eval_split = ""  # dataset='tfds:<name>': its evaluation split; '' = test or validation
     return data
 
 

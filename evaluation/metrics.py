@@ -11,7 +11,9 @@ the accuracy of the matrix square root matters more than speed.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -146,12 +148,19 @@ def dataset_stats_path(config: Any) -> str:
     `<config.eval.stats_dir>/<dataset>[_<category>][_<image_size>]_stats.npz`, with the
     dataset name lower-cased, the LSUN category included, and the image size included
     unless it is the dataset's native one (cifar10_stats.npz, lsun_church_outdoor_256_...).
-    A relative stats_dir is taken from the project root.
+    A relative stats_dir is taken from the project root. 'folder' data sets are told apart by
+    their folder (`folder_<name>_<hash of its absolute path and channels>`); characters other
+    than letters, digits, '.', '-' and '_' ('tfds:lsun/tower') become '_'.
     """
     stats_dir = config.eval.get("stats_dir", "") or os.path.join("assets", "stats")
     if not os.path.isabs(stats_dir):
         stats_dir = os.path.join(_PROJECT_ROOT, stats_dir)
-    name = config.data.dataset.lower()
+    name = re.sub(r"[^a-z0-9_.-]+", "_", config.data.dataset.lower())
+    if config.data.dataset == "folder":  # one name per folder, not one for all folders
+        where = os.path.abspath(str(config.data.data_dir))
+        digest = hashlib.sha1(f"{where}|{config.data.num_channels}".encode()).hexdigest()[:8]
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(where.rstrip(os.sep)))
+        name += f"_{base}_{digest}"
     if config.data.dataset == "LSUN":
         name += f"_{config.data.category}"
     if _NATIVE_SIZE.get(config.data.dataset) != config.data.image_size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import configs
 import datasets
@@ -47,12 +48,18 @@ def _check_names(config, problems):
     problems.check(config.training.sde.lower() in SDE_NAMES,
                    f"config.training.sde={config.training.sde!r}; valid: {list(SDE_NAMES)}")
     problems.call("config.model.name", mutils.get_model, config.model.name)
-    spec = datasets.DATASETS.get(config.data.dataset)
-    problems.check(spec is not None, f"config.data.dataset={config.data.dataset!r}; valid: "
-                                     f"{sorted(datasets.DATASETS)}")
-    problems.check(spec is None or config.data.num_channels == spec.channels,
+    try:  # the registry (datasets.register_dataset) is the only list of valid names
+        spec = datasets.get_spec(config.data.dataset)
+    except ValueError:
+        spec = None
+        problems.append(f"config.data.dataset={config.data.dataset!r}; valid: "
+                        f"{datasets.valid_names()}")
+    problems.check(spec is None or spec.channels is None
+                   or config.data.num_channels == spec.channels,
                    f"config.data.num_channels={config.data.num_channels} but "
                    f"{config.data.dataset} has {spec and spec.channels} channel(s)")
+    if spec is not None and spec.check is not None:
+        problems.call(None, spec.check, config)
     problems.call("config.sampling.method", sampling.get_sampler, config.sampling.method)
     if config.sampling.method == "pc":
         problems.call("config.sampling.predictor", sampling.get_predictor,
@@ -186,11 +193,15 @@ def _check_classifier(config, problems):
                    f"{list(normalizations)}")
 
 
-def prepare(config, mode: str):
+def prepare(config, mode: str, workdir: str | None = None):
     """The config a mode runs with: completed with this project's defaults for keys a
-    reference-format config lacks (`configs.complete`), then validated."""
+    reference-format config lacks (`configs.complete`), then validated. With a `workdir`, an
+    empty config.data.cache_dir becomes `<workdir>/data_cache` (the 'folder' data set's
+    decoded images)."""
     config = configs.complete(config)
     validate_config(config, mode)
+    if workdir and not config.data.cache_dir:
+        config.data.cache_dir = os.path.join(workdir, "data_cache")
     # Before anything compiles: later runs of the same programs load them from the cache.
     runtime.setup_compile_cache(config.training.compile_cache_dir)
     return config

@@ -117,7 +117,7 @@ def _split_in_memory(config, dataset, what: str):
     if np.any(labels == datasets.NO_LABEL):
         raise UsageError(f"config.data.dataset={config.data.dataset} has no class labels; a "
                          "classifier needs a labelled data set (CIFAR10, SVHN, MNIST, "
-                         "FashionMNIST).")
+                         "FashionMNIST, or a 'folder' with one subfolder per class).")
     if labels.max() >= config.classifier.num_classes:
         raise ConfigError(f"config.classifier.num_classes={config.classifier.num_classes} but "
                           f"the {what} split has label {int(labels.max())}.")
@@ -196,7 +196,7 @@ def train_classifier(config, workdir: str, eval_folder: str = "eval") -> None:
     """Trains config.classifier on data perturbed by config's SDE; resumes from the newest
     checkpoint in <workdir>/classifier/checkpoints."""
     del eval_folder
-    config = prepare(config, "train_classifier")
+    config = prepare(config, "train_classifier", workdir)
     files.check_workdir(workdir)
     folder = classifier_dir(workdir)
     mesh = make_mesh()
@@ -213,7 +213,14 @@ def train_classifier(config, workdir: str, eval_folder: str = "eval") -> None:
         state = compile_once(_init_fn(config), jax.random.PRNGKey(config.seed),
                              out_shardings=replicated(mesh))
     # The splits of the data set, one unshuffled pass each, held in memory.
-    train_ds, test_ds, _ = datasets.get_dataset(config, evaluation=True)
+    train_ds, test_ds, source = datasets.get_dataset(config, evaluation=True)
+    names = datasets.class_names(source)
+    if names and len(names) != c.num_classes:
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise ConfigError(f"config.classifier.num_classes={c.num_classes} but "
+                          f"{config.data.dataset} has {len(names)} classes ({shown}); set "
+                          f"--config.classifier.num_classes={len(names)} (here and for "
+                          "--mode=conditional).")
     train = _split_in_memory(config, train_ds, "train")
     test = _split_in_memory(config, test_ds, "test")
     if len(test[0]) < c.batch_size // jax.process_count():

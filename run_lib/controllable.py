@@ -101,7 +101,7 @@ def _write_index(folder, names, run, **extra):
 def inpaint(config, workdir: str, eval_folder: str = "eval") -> str:
     """Fills in the masked pixels of config.controllable's inputs (App. I.2); returns <out>."""
     del eval_folder
-    config = prepare(config, "inpaint")
+    config = prepare(config, "inpaint", workdir)
     c = config.controllable
     images, names = inputs.read_images(config)
     known = inputs.masks(config, len(images), np.random.default_rng(config.seed))
@@ -134,7 +134,7 @@ def inpaint(config, workdir: str, eval_folder: str = "eval") -> str:
 def colorize(config, workdir: str, eval_folder: str = "eval") -> str:
     """Colours grey versions of config.controllable's inputs (App. I.3); returns <out>."""
     del eval_folder
-    config = prepare(config, "colorize")
+    config = prepare(config, "colorize", workdir)
     c = config.controllable
     images, names = inputs.read_images(config, num_channels=3)
     # The grey image the colorizer keeps: the mean of the channels (its gray direction).
@@ -167,7 +167,7 @@ def conditional(config, workdir: str, eval_folder: str = "eval") -> str:
     """sample.num_samples images of the classes config.controllable.labels names (in turn),
     guided by the noise-conditional classifier with scale controllable.scale (Eq. 14)."""
     del eval_folder
-    config = prepare(config, "conditional")
+    config = prepare(config, "conditional", workdir)
     c = config.controllable
     wanted = inputs.parse_labels(c.labels, config.classifier.num_classes)
     n = int(config.sample.num_samples)

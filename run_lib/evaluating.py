@@ -27,7 +27,7 @@ def evaluate(config, workdir: str, eval_folder: str = "eval") -> None:
     (IS, FID, KID) and summary.json. A killed evaluation resumes at its next unfinished
     sampling round and reproduces the uninterrupted result exactly.
     """
-    config = prepare(config, "eval")
+    config = prepare(config, "eval", workdir)
     files.check_workdir(workdir, must_exist=True)
     ec = config.eval
     mesh = make_mesh()
@@ -95,7 +95,7 @@ def fid_stats(config, workdir: str | None = None) -> str:
 
     Writes `evaluation.dataset_stats_path(config)` with key 'pool_3'; returns its path.
     """
-    config = prepare(config, "eval")
+    config = prepare(config, "eval", workdir)
     scorer = InceptionScorer(config, make_mesh())
     train_ds, _, _ = datasets.get_dataset(config, uniform_dequantization=False,
                                           evaluation=True)

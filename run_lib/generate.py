@@ -165,7 +165,7 @@ def sample(config, workdir: str, eval_folder: str = "eval") -> str:
     the first sample.grid_size) and the batches; returns <out>.
     """
     del eval_folder
-    config = prepare(config, "sample")
+    config = prepare(config, "sample", workdir)
     run = Run(config, workdir, "sample")
     b, n = run.batch_size, int(config.sample.num_samples)
     shape = (b, config.data.image_size, config.data.image_size, config.data.num_channels)
@@ -218,7 +218,7 @@ def likelihood_mode(config, workdir: str, eval_folder: str = "eval") -> dict:
     <out>/bpd.csv and <out>/summary.json; prints the mean and its standard error.
     """
     del eval_folder
-    config = prepare(config, "likelihood")
+    config = prepare(config, "likelihood", workdir)
     images, names = inputs.read_images(config)
     run = Run(config, workdir, "likelihood")
     b, n, repeats = run.batch_size, len(images), int(config.eval.bpd_num_repeats)

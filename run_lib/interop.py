@@ -92,7 +92,7 @@ def import_checkpoint(config, workdir: str, eval_folder: str = "eval") -> str:
     """Writes the checkpoint at config.pretrained.path as <workdir>/checkpoints/checkpoint_<k>;
     returns that folder."""
     del eval_folder
-    config = prepare(config, "import")
+    config = prepare(config, "import", workdir)
     path = _path(config)
     files.check_workdir(workdir)
     loaded = pretrained.load(path, config)
@@ -120,7 +120,7 @@ def export(config, workdir: str, eval_folder: str = "eval") -> str:
     """Writes the EMA parameters of a workdir checkpoint as a diffusers pipeline folder;
     returns the folder."""
     del eval_folder
-    config = prepare(config, "export")
+    config = prepare(config, "export", workdir)
     files.check_workdir(workdir, must_exist=True)
     out = str(config.pretrained.out) or os.path.join(workdir, "diffusers")
     snapshots, _ = checkpoints.managers(workdir, config, create=False)

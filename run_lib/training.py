@@ -86,7 +86,7 @@ class _Run:
 
 def train(config, workdir: str) -> None:
     """Trains the configured score model, resuming from workdir/checkpoints-meta if present."""
-    config = prepare(config, "train")
+    config = prepare(config, "train", workdir)
     files.check_workdir(workdir)
     mesh = make_mesh()
     sde, model = build(config)

@@ -28,7 +28,8 @@ SDES = {"vesde", "vpsde", "subvpsde"}
 PREDICTORS = {"euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none"}
 CORRECTORS = {"langevin", "ald", "none"}
 MODELS = {"ncsnpp", "ddpm", "ncsn", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256"}
-DATASETS = {"CIFAR10", "SVHN", "CELEBA", "LSUN", "FFHQ", "CelebAHQ", "FashionMNIST", "MNIST"}
+DATASETS = {"CIFAR10", "SVHN", "CELEBA", "LSUN", "FFHQ", "CelebAHQ", "FashionMNIST", "MNIST",
+            "folder"}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -507,6 +508,28 @@ EXPECTED = {
         "eval.batch_size": 64,
         "eval.num_samples": 64,
     },
+    # The template for a folder of the user's images: CelebA's 64 px VE NCSN++ (continuous).
+    "ve/folder_ncsnpp_continuous.py": {
+        **NCSNPP_32,
+        **VE_CONT,
+        "data.dataset": "folder",
+        "data.data_dir": "",
+        "data.image_size": 64,
+        "data.num_channels": 3,
+        "data.random_flip": True,
+        "data.eval_fraction": 0.0,
+        "data.eval_dir": "",
+        "data.cache_dir": "",
+        "model.sigma_max": 90.0,
+        "model.num_scales": 1000,
+        "sampling.snr": 0.17,
+        "training.batch_size": 64,
+        "training.n_iters": 500001,
+        "training.snapshot_freq": 10000,
+        "training.snapshot_freq_for_preemption": 5000,
+        "training.eval_freq": 500,
+        "eval.batch_size": 64,
+    },
     "tiny_test.py": {
         "data.dataset": "FashionMNIST",
         "data.image_size": 28,
@@ -552,6 +575,10 @@ PROJECT_KEYS = {
     "eval.bpd_num_repeats": 5,
     "eval.show_progress": True,
     "training.max_ckpts_to_keep": 0,
+    "data.eval_dir": "",
+    "data.eval_fraction": 0.0,
+    "data.cache_dir": "",
+    "data.eval_split": "",
 }
 
 # Configs that take an argument, and the reference file each argument stands for.
@@ -570,7 +597,7 @@ ALL_IDS = VARIANT_IDS + ARG_IDS
 
 def test_discovery_finds_every_reference_config():
     # The walk, not a hand list, decides what the other tests cover; this pins it to the
-    # reference's file list plus the project's two additions; the configs that take an
+    # reference's file list plus the project's additions; the configs that take an
     # argument cover exactly the reference files that differ only by values.
     assert sorted(VARIANT_IDS) == sorted(EXPECTED)
     assert sorted(ARG_IDS) == sorted(ARG_ALIASES)
@@ -698,6 +725,8 @@ def test_locked_config_accepts_overrides_and_rejects_typos():
 # (tests/fixtures/make_config_snapshots.py; values stored as repr, which keeps the type).
 
 SNAPSHOTS = json.loads((FIXTURES / "config_snapshots.json").read_text())
+# Files added after the snapshot enter it with their values when added (on the snapshot's key
+# set): ve/folder_ncsnpp_continuous.py.
 # Deliberate changes since the snapshot: n_jitted_steps as in the reference's files
 # (default_lsun_configs: 5; the 1024 px FFHQ config: 2; the 1024 px CelebA-HQ config keeps 1).
 CHANGED = {

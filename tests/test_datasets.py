@@ -452,24 +452,34 @@ def test_unknown_lsun_category_lists_valid_ones():
 # ----------------------------------------------------------------------------- spec registry
 
 
+BUILTINS = ["CELEBA", "CIFAR10", "CelebAHQ", "FFHQ", "FashionMNIST", "LSUN", "MNIST", "SVHN"]
+
+
 def test_registry_specs():
-    assert sorted(datasets.DATASETS) == [
-        "CELEBA", "CIFAR10", "CelebAHQ", "FFHQ", "FashionMNIST", "LSUN", "MNIST", "SVHN"
-    ]
+    assert sorted(datasets.DATASETS) == sorted([*BUILTINS, "folder", "tfds:"])
     assert "CIFAR10" in datasets.DATASETS and "CIFAR100" not in datasets.DATASETS
-    for name, spec in datasets.DATASETS.items():
-        assert spec.name == name
-        assert spec.source in ("tfds", "idx_or_tfds", "tfrecords")
+    for name in BUILTINS:
+        spec = datasets.DATASETS[name]
+        assert spec.name == name and datasets.get_spec(name) is spec
         assert spec.channels == (1 if "MNIST" in name else 3)
-        assert (spec.tfds_name is None) == (spec.source == "tfrecords")
-        if spec.tfds_name is not None:  # a name tfds knows (offline: only the code is looked up)
-            family = spec.tfds_name.split("/")[0]
+        tfds_name = getattr(spec.load, "tfds_name", None)
+        assert (tfds_name is None) == isinstance(spec.load, datasets.TfrecordsLoader)
+        if tfds_name is not None:  # a name tfds knows (offline: only the code is looked up)
+            family = tfds_name.split("/")[0]
             assert tfds.builder_cls(family).name == family
+    assert datasets.DATASETS["folder"].channels is None  # follows config.data.num_channels
+    assert datasets.get_spec("tfds:cifar100") is datasets.DATASETS["tfds:"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         datasets.DATASETS["CIFAR10"].channels = 1
+    with pytest.raises(TypeError):  # read-only: the registry is changed by registering
+        datasets.DATASETS["x"] = datasets.DATASETS["CIFAR10"]
+    for bad in ("tfds:", "folder2", "cifar10"):
+        with pytest.raises(ValueError, match=r"Unknown dataset .*valid names: .*folder, "
+                                             r"tfds:<name>"):
+            datasets.get_spec(bad)
 
 
-@pytest.mark.parametrize("name", sorted(datasets.DATASETS))
+@pytest.mark.parametrize("name", BUILTINS)
 @pytest.mark.parametrize("size", [16, 32, 64])
 def test_preprocess_shape_and_range(name, size):
     spec = datasets.DATASETS[name]
