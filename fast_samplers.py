@@ -27,8 +27,8 @@ reports its true number of score evaluations (NFE, a Python int):
 noise level 0, DPM-Solver's `denoise_to_zero`).
 
 They are registered as `config.sampling.method` names in `sampling` (which imports this module
-at its end so the built-ins are always there), alongside 'pc' and 'ode'. A new few-step
-sampler is added the same way:
+at its first sampler lookup, so the built-ins are always there), alongside 'pc' and 'ode'. A
+new sampler is added the same way, from any module (docs/extending.md):
 
     @sampling.register_sampler(name='my_sampler')
     def my_sampler(config, sde, shape, inverse_scaler, eps):

@@ -16,12 +16,16 @@ import sys
 from absl import app, flags, logging
 from ml_collections.config_flags import config_flags
 
+from configs import plugins
+
 # Before TensorFlow is first imported: its C++ start-up lines are not the run's.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
+# config.plugins are imported as the config file loads, before the --config.* overrides.
+plugins.install(FLAGS["config"])
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, samples, logs.")
 # The names of run_lib.MODES (listed here so that --help works without importing JAX).
 MODES = ["train", "eval", "fid_stats", "sample", "inpaint", "colorize", "train_classifier",
@@ -60,6 +64,9 @@ def parse_flags(argv):
     try:
         rest = FLAGS(argv)
         FLAGS.config  # noqa: B018 (loads the config file and applies the overrides)
+        plugins.record(FLAGS.config, FLAGS.workdir)  # the workdir's recorded ones included
+    except plugins.PluginError as e:
+        _fail(str(e), USAGE_EXIT)
     except flags.Error as e:
         _fail(str(e), USAGE_EXIT)
     except Exception as e:  # noqa: BLE001 (config files may raise anything)

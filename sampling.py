@@ -56,6 +56,14 @@ def register_corrector(cls=None, *, name: str | None = None):
     return _register(_CORRECTORS, "corrector", cls, name=name)
 
 
+def registered_predictors() -> list[str]:
+    return sorted(_PREDICTORS)
+
+
+def registered_correctors() -> list[str]:
+    return sorted(_CORRECTORS)
+
+
 def get_predictor(name: str) -> type:
     if name not in _PREDICTORS:
         raise ValueError(f"Unknown predictor {name!r}; valid names: {sorted(_PREDICTORS)}.")
@@ -397,17 +405,43 @@ _SAMPLERS: dict[str, Callable] = {}
 
 
 def register_sampler(fn=None, *, name: str | None = None):
-    """Function decorator adding a `config.sampling.method` (default name: the function's)."""
+    """Function decorator adding a `config.sampling.method` (default name: the function's).
+
+    The factory is called as `factory(config, sde, shape, inverse_scaler, eps)` and returns
+    `sampler(rng, score_fn) -> (samples shaped `shape`, nfe)` (see `get_sampling_fn`).
+    """
+    _import_builtin_samplers()  # a clash with a built-in name fails here, at the decorator
     return _register(_SAMPLERS, "sampling method", fn, name=name)
 
 
+def _import_builtin_samplers():
+    # The few-step samplers ('ddim', 'dpm_solver', 'heun') live in fast_samplers, which builds
+    # on this module and registers them when imported. Imported at the first lookup, not at
+    # the top, so that neither module imports the other while it is being defined.
+    import fast_samplers  # noqa: F401
+
+
+def registered_samplers() -> list[str]:
+    """The `config.sampling.method` names: 'pc', 'ode', the few-step samplers, plugins'."""
+    _import_builtin_samplers()
+    return sorted(_SAMPLERS)
+
+
 def get_sampler(name: str) -> Callable:
+    """The sampler factory registered under `name`; ValueError lists the valid names."""
+    _import_builtin_samplers()
     if name not in _SAMPLERS:
         raise ValueError(f"Unknown sampling method {name!r}; valid names: {sorted(_SAMPLERS)}.")
     return _SAMPLERS[name]
 
 
-@register_sampler(name="pc")
+def _builtin_sampler(name: str):
+    # This module's own samplers skip register_sampler, whose import of fast_samplers would
+    # run while this module is still being defined.
+    return functools.partial(_register, _SAMPLERS, "sampling method", name=name)
+
+
+@_builtin_sampler("pc")
 def _pc_from_config(config, sde, shape, inverse_scaler, eps):
     cfg = config.sampling
     return get_pc_sampler(sde, shape, cfg.predictor, cfg.corrector, inverse_scaler,
@@ -416,7 +450,7 @@ def _pc_from_config(config, sde, shape, inverse_scaler, eps):
                           eps=eps)
 
 
-@register_sampler(name="ode")
+@_builtin_sampler("ode")
 def _ode_from_config(config, sde, shape, inverse_scaler, eps):
     cfg = config.sampling
     return get_ode_sampler(sde, shape, inverse_scaler, denoise=cfg.noise_removal,
@@ -435,9 +469,3 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
     """
     return get_sampler(config.sampling.method.lower())(config, sde, tuple(shape), inverse_scaler,
                                                        eps)
-
-
-# The few-step samplers live beside this module and register themselves with
-# `register_sampler`. Imported last, once everything they use from here exists, so that
-# `get_sampling_fn` always sees them and either module may be imported first.
-import fast_samplers  # noqa: E402, F401

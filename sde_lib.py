@@ -4,7 +4,9 @@ Every quantity a sampler, a loss or a score-model wrapper needs that differs bet
 is a method or property here, so generic code never dispatches on the SDE's type. A new SDE
 subclass that implements `sde`, `marginal_prob`, `prior_sampling` and `prior_logp` works with
 the Euler-Maruyama and reverse-diffusion predictors, the Langevin corrector, the ODE sampler
-and the likelihood without touching any other file.
+and the likelihood without touching any other file; registered with `@register_sde(name=...)`
+(from the researcher's own file, loaded with `--config.plugins`) it is also a valid
+`config.training.sde` for every mode of `main.py` (docs/extending.md).
 
 Shapes: `x` is [B, ...] (images are NHWC), `t` is [B]. Per-example scalars such as the
 diffusion coefficient are returned with shape [B] and broadcast with `batch_mul`.
@@ -13,6 +15,7 @@ diffusion coefficient are returned with shape [B] and broadcast with `batch_mul`
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -247,6 +250,108 @@ def _t_from_log_mean_coeff(beta_0: float, beta_1: float, m):
     return 4.0 * -m / (beta_0 + jnp.sqrt(beta_0**2 + 4.0 * (beta_1 - beta_0) * -m))
 
 
+# The SDEs `config.training.sde` can name: the only list of valid names. A plugin adds its own
+# subclass with `@register_sde(name=...)` (see docs/extending.md).
+_SDES: dict[str, type] = {}
+
+
+def register_sde(cls=None, *, name: str | None = None):
+    """Class decorator: `@register_sde(name='my_sde')` lets `config.training.sde='my_sde'`
+    build the class (default name: the class name). Names are case-insensitive, as the
+    reference's `config.training.sde.lower()`. `get_sde` fills the constructor's arguments
+    from the config by name."""
+
+    def add(c):
+        if not (isinstance(c, type) and issubclass(c, SDE)):
+            raise TypeError(f"register_sde takes an SDE subclass, got {c!r}.")
+        key = (c.__name__ if name is None else name).lower()
+        if key in _SDES and _SDES[key] is not c:
+            raise ValueError(f"An SDE named {key!r} is already registered ({_SDES[key]}).")
+        _SDES[key] = c
+        return c
+
+    return add if cls is None else add(cls)
+
+
+def registered_sdes() -> list[str]:
+    """The registered SDE names, in registration order (the built-ins first)."""
+    return list(_SDES)
+
+
+def get_sde_class(name: str) -> type:
+    """The SDE class registered under `name` (case-insensitive); ValueError lists the names."""
+    key = str(name).lower()
+    if key not in _SDES:
+        raise ValueError(f"Unknown SDE {name!r}; valid names: {registered_sdes()}.")
+    return _SDES[key]
+
+
+@register_sde(name="vesde")
+class VESDE(SDE):
+    """Variance-exploding SDE, the continuous limit of SMLD / NCSN (Eq. 9)."""
+
+    discrete_objective = "smld"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
+        super().__init__(N)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        # SMLD's noise levels, ascending: [N] float32.
+        self.discrete_sigmas = _table(ve_discrete_sigmas(sigma_min, sigma_max, N))
+
+    @property
+    def T(self):
+        return 1.0
+
+    @property
+    def sampling_eps(self):
+        return 1e-5
+
+    def sigma(self, t):
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def sde(self, x, t):
+        drift = jnp.zeros_like(x)
+        diffusion = self.sigma(t) * np.sqrt(2 * (np.log(self.sigma_max) - np.log(self.sigma_min)))
+        return drift, diffusion
+
+    def marginal_prob(self, x, t):
+        return x, self.sigma(t)
+
+    def t_from_half_log_snr(self, lam):
+        # lambda = -log sigma(t) = -log sigma_min - t log(sigma_max / sigma_min).
+        lam = _as_float(lam)
+        return (-lam - np.log(self.sigma_min)) / np.log(self.sigma_max / self.sigma_min)
+
+    def prior_sampling(self, rng, shape):
+        return jax.random.normal(rng, shape) * self.sigma_max
+
+    def prior_logp(self, z):
+        D = np.prod(z.shape[1:])
+        return (-D / 2.0 * np.log(2 * np.pi * self.sigma_max**2)
+                - sum_except_batch(z**2) / (2 * self.sigma_max**2))
+
+    def _adjacent_sigmas(self, t):
+        i = timestep(t, self.N, self.T)
+        sigmas = self.discrete_sigmas
+        sigma = sigmas[i]
+        adjacent = jnp.where(i == 0, jnp.zeros_like(sigma), sigmas[jnp.maximum(i - 1, 0)])
+        return sigma, adjacent
+
+    def discretize(self, x, t):
+        """SMLD: x_{i+1} = x_i + sqrt(sigma_i^2 - sigma_{i-1}^2) z_i."""
+        sigma, adjacent = self._adjacent_sigmas(t)
+        return jnp.zeros_like(x), jnp.sqrt(sigma**2 - adjacent**2)
+
+    def ancestral_update(self, x, t, score):
+        """SMLD ancestral step (Eq. 47)."""
+        sigma, adjacent = self._adjacent_sigmas(t)
+        x_mean = x + batch_mul(sigma**2 - adjacent**2, score)
+        std = jnp.sqrt(adjacent**2 * (sigma**2 - adjacent**2) / sigma**2)
+        return x_mean, std
+
+
+@register_sde(name="vpsde")
 class VPSDE(SDE):
     """Variance-preserving SDE, the continuous limit of DDPM (Eq. 11)."""
 
@@ -313,6 +418,7 @@ class VPSDE(SDE):
         return x_mean, jnp.sqrt(beta)
 
 
+@register_sde(name="subvpsde")
 class subVPSDE(SDE):
     """Sub-VP SDE (Eq. 12): same drift as VP, diffusion shrunk so variances stay below VP's."""
 
@@ -364,79 +470,35 @@ class subVPSDE(SDE):
         return self.alphas[timestep(t, self.N, self.T)]
 
 
-class VESDE(SDE):
-    """Variance-exploding SDE, the continuous limit of SMLD / NCSN (Eq. 9)."""
-
-    discrete_objective = "smld"
-
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
-        super().__init__(N)
-        self.sigma_min = float(sigma_min)
-        self.sigma_max = float(sigma_max)
-        # SMLD's noise levels, ascending: [N] float32.
-        self.discrete_sigmas = _table(ve_discrete_sigmas(sigma_min, sigma_max, N))
-
-    @property
-    def T(self):
-        return 1.0
-
-    @property
-    def sampling_eps(self):
-        return 1e-5
-
-    def sigma(self, t):
-        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
-
-    def sde(self, x, t):
-        drift = jnp.zeros_like(x)
-        diffusion = self.sigma(t) * np.sqrt(2 * (np.log(self.sigma_max) - np.log(self.sigma_min)))
-        return drift, diffusion
-
-    def marginal_prob(self, x, t):
-        return x, self.sigma(t)
-
-    def t_from_half_log_snr(self, lam):
-        # lambda = -log sigma(t) = -log sigma_min - t log(sigma_max / sigma_min).
-        lam = _as_float(lam)
-        return (-lam - np.log(self.sigma_min)) / np.log(self.sigma_max / self.sigma_min)
-
-    def prior_sampling(self, rng, shape):
-        return jax.random.normal(rng, shape) * self.sigma_max
-
-    def prior_logp(self, z):
-        D = np.prod(z.shape[1:])
-        return (-D / 2.0 * np.log(2 * np.pi * self.sigma_max**2)
-                - sum_except_batch(z**2) / (2 * self.sigma_max**2))
-
-    def _adjacent_sigmas(self, t):
-        i = timestep(t, self.N, self.T)
-        sigmas = self.discrete_sigmas
-        sigma = sigmas[i]
-        adjacent = jnp.where(i == 0, jnp.zeros_like(sigma), sigmas[jnp.maximum(i - 1, 0)])
-        return sigma, adjacent
-
-    def discretize(self, x, t):
-        """SMLD: x_{i+1} = x_i + sqrt(sigma_i^2 - sigma_{i-1}^2) z_i."""
-        sigma, adjacent = self._adjacent_sigmas(t)
-        return jnp.zeros_like(x), jnp.sqrt(sigma**2 - adjacent**2)
-
-    def ancestral_update(self, x, t, score):
-        """SMLD ancestral step (Eq. 47)."""
-        sigma, adjacent = self._adjacent_sigmas(t)
-        x_mean = x + batch_mul(sigma**2 - adjacent**2, score)
-        std = jnp.sqrt(adjacent**2 * (sigma**2 - adjacent**2) / sigma**2)
-        return x_mean, std
+# Constructor arguments read from another config key than `config.model.<argument>`.
+_ARGUMENT_KEYS = {"N": "model.num_scales"}
 
 
-_SDES = {"vesde": VESDE, "vpsde": VPSDE, "subvpsde": subVPSDE}
+def sde_kwargs(config, cls: type) -> dict:
+    """The keyword arguments `get_sde` passes to SDE class `cls`, read from the config by name.
+
+    Each argument of `cls.__init__` is read from `config.model.<argument>` (`N` from
+    `config.model.num_scales`, the reference's keys); an argument the config lacks keeps the
+    constructor's default, and a required one raises ValueError naming the key. Extra keys of
+    a plugin's SDE are declared with `configs.register_defaults({'model.<argument>': ...})`.
+    """
+    kwargs = {}
+    for arg in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if arg.kind in (arg.VAR_POSITIONAL, arg.VAR_KEYWORD):
+            continue
+        key = _ARGUMENT_KEYS.get(arg.name, f"model.{arg.name}")
+        section, _, field = key.partition(".")
+        node = config.get(section) if hasattr(config, "get") else None
+        if node is not None and hasattr(node, "get") and field in node:
+            kwargs[arg.name] = node[field]
+        elif arg.default is arg.empty:
+            raise ValueError(f"SDE {cls.__name__} needs argument {arg.name!r}, but the config "
+                             f"has no key {key} (declare it with configs.register_defaults).")
+    return kwargs
 
 
 def get_sde(config) -> SDE:
-    """Builds the SDE named by `config.training.sde` from `config.model` hyperparameters."""
-    name = config.training.sde.lower()
-    if name not in _SDES:
-        raise ValueError(f"Unknown SDE {config.training.sde!r}; valid names: {sorted(_SDES)}.")
-    m = config.model
-    if name == "vesde":
-        return VESDE(sigma_min=m.sigma_min, sigma_max=m.sigma_max, N=m.num_scales)
-    return _SDES[name](beta_min=m.beta_min, beta_max=m.beta_max, N=m.num_scales)
+    """Builds the SDE named by `config.training.sde` (see `register_sde`), its constructor's
+    arguments filled from the config by name (`sde_kwargs`)."""
+    cls = get_sde_class(config.training.sde)
+    return cls(**sde_kwargs(config, cls))

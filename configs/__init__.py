@@ -6,7 +6,8 @@ Each variant module defines `get_config()` (or `get_config(arg)`, run as
 default, so configs can be locked.
 
 `complete(config)` fills a config written in the reference's format (yang-song/score_sde) with
-the keys this project added.
+the keys this project added. A plugin (`config.plugins`, see `configs.plugins`) declares the
+config keys it reads with `register_defaults`; every config then has them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,43 @@ import ml_collections
 
 _FIRST_DEFAULT = "default_cifar10_configs"
 
+# Keys plugins declared: "section.key" -> default value (register_defaults).
+_PLUGIN_DEFAULTS: dict[str, object] = {}
+
+
+def register_defaults(defaults: dict) -> None:
+    """Declares config keys a plugin reads, with their defaults: {'model.my_k': 1.0, ...}.
+
+    Called at the plugin's import; from then on every config loaded by main.py and every
+    `complete(config)` has these keys, so `--config.model.my_k=2` works on the command line.
+    A key may not be declared twice with different defaults.
+    """
+    for key, value in defaults.items():
+        parts = key.split(".")
+        if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+            raise ValueError(f"Config key {key!r} must be 'section.name' (e.g. 'model.my_k').")
+        if key in _PLUGIN_DEFAULTS and _PLUGIN_DEFAULTS[key] != value:
+            raise ValueError(f"Config key {key!r} is already declared with default "
+                             f"{_PLUGIN_DEFAULTS[key]!r}, not {value!r}.")
+        _PLUGIN_DEFAULTS[key] = value
+
+
+def add_plugin_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds to `config` (in place, even when locked) the declared keys it lacks; returns it."""
+    with config.unlocked():
+        for key, value in _PLUGIN_DEFAULTS.items():
+            *sections, name = key.split(".")
+            node = config
+            for section in sections:
+                if section not in node:
+                    node[section] = ml_collections.ConfigDict()
+                node = node[section]
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ValueError(f"Config key {key!r}: {'.'.join(sections)} is not a section.")
+            if name not in node:
+                node[name] = copy.deepcopy(value)
+    return config
+
 
 def _default_module_names() -> list[str]:
     names = sorted(info.name for info in pkgutil.iter_modules(__path__)
@@ -29,7 +67,8 @@ def _default_module_names() -> list[str]:
 
 def project_defaults() -> ml_collections.ConfigDict:
     """The project's key set with default values: the CIFAR-10 default, plus any key or
-    section another `default_*_configs.py` adds (with that default's value)."""
+    section another `default_*_configs.py` adds (with that default's value), plus the keys
+    plugins declared (`register_defaults`)."""
     merged = None
     for name in _default_module_names():
         config = importlib.import_module(f"{__name__}.{name}").get_default_configs()
@@ -37,7 +76,7 @@ def project_defaults() -> ml_collections.ConfigDict:
             merged = config
         else:
             _fill(merged, config, "")
-    return merged
+    return add_plugin_defaults(merged)
 
 
 def _fill(target: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict,

@@ -25,6 +25,10 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.optim = _optim()
     config.pretrained = _pretrained()
     config.seed = 42
+    # Comma-separated Python files or module names imported before the config is validated
+    # (a researcher's SDE, sampler, network, ...: docs/extending.md); recorded in the workdir's
+    # config.json, so later modes and resumed runs import them again.
+    config.plugins = ""
     return config
 
 

@@ -19,8 +19,6 @@ from collections.abc import Sequence
 
 import ml_collections
 
-SDES = ("vesde", "vpsde", "subvpsde")
-
 # Noise levels and annealed-Langevin settings (sigma_max, N, steps per level, snr). 'ncsn':
 # NCSN (Song & Ermon, 2019), 10 levels in [0.01, 1]. The others: NCSNv2's (Song & Ermon, 2020)
 # techniques 1 (sigma_max), 2 (N) and 4 (step size) for that dataset; 'bedroom' is 128 px.
@@ -30,6 +28,10 @@ NOISE_SCHEDULES = {
     "celeba": dict(sigma_max=90.0, num_scales=500, n_steps_each=5, snr=0.128),
     "bedroom": dict(sigma_max=190.0, num_scales=1086, n_steps_each=3, snr=0.095),
 }
+
+
+# The SDEs with a recipe in `sde` below (each a name of the registry, sde_lib.registered_sdes()).
+_RECIPES = ("vesde", "vpsde", "subvpsde")
 
 
 def choice(arg: str | None, choices: Sequence[str], config_file: str) -> str:
@@ -47,10 +49,19 @@ def sde(config: ml_collections.ConfigDict, name: str, continuous: bool = True) -
     VE (SMLD when discrete): summed loss, data in [0, 1], reverse-diffusion predictor with a
     Langevin corrector, network output divided by sigma, EMA 0.999. VP (DDPM when discrete)
     and sub-VP: mean loss, data in [-1, 1], Euler-Maruyama predictor (ancestral sampling for
-    discrete VP), no corrector, no output scaling, EMA 0.9999.
+    discrete VP), no corrector, no output scaling, EMA 0.9999. Any other SDE registered with
+    `sde_lib.register_sde` (a plugin's) has no recipe here: only its name and the objective
+    are set, the rest stays as the config has it.
     """
-    if name not in SDES:
-        raise ValueError(f"Unknown SDE {name!r}; valid names: {list(SDES)}.")
+    if name not in _RECIPES:
+        # Only here is the SDE registry (and JAX with it) imported: config files that name a
+        # built-in load without it, so main.py answers flag errors at once.
+        import sde_lib
+
+        sde_lib.get_sde_class(name)  # ValueError listing the registered names
+        config.training.sde = name
+        config.training.continuous = continuous
+        return
     if name == "subvpsde" and not continuous:
         raise ValueError("The sub-VP SDE has no discrete objective (discrete ones: 'vesde' "
                          "for SMLD, 'vpsde' for DDPM); use continuous=True.")

@@ -10,11 +10,11 @@ import datasets
 import fast_samplers
 import ode
 import sampling
+import sde_lib
+from configs import plugins
 from models import precision
 from models import utils as mutils
 from run_lib import inputs, runtime
-
-SDE_NAMES = ("vesde", "vpsde", "subvpsde")
 
 
 class UsageError(ValueError):
@@ -44,9 +44,18 @@ class _Problems(list):
             self.append(f"{prefix}: {e}" if prefix else str(e))
 
 
+def _sde_class(config):
+    """The registered SDE class config.training.sde names, or None."""
+    try:
+        return sde_lib.get_sde_class(config.training.sde)
+    except ValueError:
+        return None
+
+
 def _check_names(config, problems):
-    problems.check(config.training.sde.lower() in SDE_NAMES,
-                   f"config.training.sde={config.training.sde!r}; valid: {list(SDE_NAMES)}")
+    problems.check(_sde_class(config) is not None,
+                   f"config.training.sde={config.training.sde!r}; valid: "
+                   f"{sde_lib.registered_sdes()}")
     problems.call("config.model.name", mutils.get_model, config.model.name)
     try:  # the registry (datasets.register_dataset) is the only list of valid names
         spec = datasets.get_spec(config.data.dataset)
@@ -93,13 +102,15 @@ def _check_few_step(sc, problems):
 
 def _check_schedule(config, problems):
     """Noise schedules and sampler settings that would give NaN or meaningless samples."""
-    m, sc, sde = config.model, config.sampling, config.training.sde.lower()
+    m, sc, sde = config.model, config.sampling, _sde_class(config)
     problems.check(m.num_scales >= 1, f"config.model.num_scales={m.num_scales} must be >= 1")
-    if sde == "vesde":
+    # The built-in schedules' ranges (a registered SDE of another family is checked by its
+    # own constructor, when validate_config builds it).
+    if sde is not None and issubclass(sde, sde_lib.VESDE):
         problems.check(0 < m.sigma_min < m.sigma_max,
                        f"config.model.sigma_min={m.sigma_min} and sigma_max={m.sigma_max} must "
                        "satisfy 0 < sigma_min < sigma_max")
-    elif sde in ("vpsde", "subvpsde"):
+    elif sde is not None and issubclass(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
         problems.check(0 < m.beta_min < m.beta_max,
                        f"config.model.beta_min={m.beta_min} and beta_max={m.beta_max} must "
                        "satisfy 0 < beta_min < beta_max")
@@ -126,9 +137,12 @@ def _check_network(config, problems):
 def _check_training(config, problems):
     tc = config.training
     if not tc.continuous:
-        problems.check(tc.sde.lower() in ("vesde", "vpsde") or tc.sde.lower() not in SDE_NAMES,
-                       f"config.training.continuous=False needs training.sde 'vesde' or "
-                       f"'vpsde', got {tc.sde!r}")
+        sde = _sde_class(config)
+        discrete = [name for name in sde_lib.registered_sdes()
+                    if sde_lib.get_sde_class(name).discrete_objective is not None]
+        problems.check(sde is None or sde.discrete_objective is not None,
+                       f"config.training.continuous=False needs an SDE with a discrete "
+                       f"objective, training.sde one of {discrete}, got {tc.sde!r}")
         problems.check(not tc.likelihood_weighting,
                        "config.training.likelihood_weighting=True needs continuous=True")
     k = tc.n_jitted_steps
@@ -193,12 +207,22 @@ def _check_classifier(config, problems):
                    f"{list(normalizations)}")
 
 
+def load_plugins(config) -> None:
+    """Imports config.plugins (configs.plugins.load); ConfigError naming a bad one."""
+    try:
+        plugins.load(config.get("plugins", ""))
+    except plugins.PluginError as e:
+        raise ConfigError(str(e)) from None
+
+
 def prepare(config, mode: str, workdir: str | None = None):
     """The config a mode runs with: completed with this project's defaults for keys a
     reference-format config lacks (`configs.complete`), then validated. With a `workdir`, an
     empty config.data.cache_dir becomes `<workdir>/data_cache` (the 'folder' data set's
     decoded images)."""
+    load_plugins(config)
     config = configs.complete(config)
+    config.plugins = plugins.normalize(config.plugins)  # absolute paths in config.json
     validate_config(config, mode)
     if workdir and not config.data.cache_dir:
         config.data.cache_dir = os.path.join(workdir, "data_cache")
@@ -211,7 +235,9 @@ def validate_config(config, mode: str = "train") -> None:
     """Raises ConfigError naming every bad value and its valid choices.
 
     Accepts configs in the reference's format: absent keys take this project's defaults.
+    Imports config.plugins first: their SDEs, samplers and networks are valid names.
     """
+    load_plugins(config)
     config = configs.complete(config)
     problems = _Problems()
     _check_names(config, problems)
@@ -234,7 +260,8 @@ def validate_config(config, mode: str = "train") -> None:
                        f"config.eval.bpd_dataset={ec.bpd_dataset!r}; valid: ['train', 'test']")
         problems.check(ec.begin_ckpt <= ec.end_ckpt,
                        f"config.eval.begin_ckpt={ec.begin_ckpt} > end_ckpt={ec.end_ckpt}")
-    if not problems:  # tracing the network is only meaningful for an otherwise valid config
+    if not problems:  # building is only meaningful for an otherwise valid config
+        problems.call("config.training.sde", sde_lib.get_sde, config)
         _check_network(config, problems)
     if problems:
         raise ConfigError("Invalid config: " + problems[0] if len(problems) == 1 else

@@ -19,17 +19,21 @@ import ml_collections
 import pytest
 
 import configs
+import datasets
+import sampling
+import sde_lib
 from configs import presets
+from models import utils as mutils
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 SECTIONS = ("training", "sampling", "eval", "data", "model", "optim")
-SDES = {"vesde", "vpsde", "subvpsde"}
-PREDICTORS = {"euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none"}
-CORRECTORS = {"langevin", "ald", "none"}
-MODELS = {"ncsnpp", "ddpm", "ncsn", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256"}
-DATASETS = {"CIFAR10", "SVHN", "CELEBA", "LSUN", "FFHQ", "CelebAHQ", "FashionMNIST", "MNIST",
-            "folder"}
+# The valid names are the registries' keys (the only lists of them).
+SDES = sde_lib.registered_sdes()
+PREDICTORS = sampling.registered_predictors()
+CORRECTORS = sampling.registered_correctors()
+MODELS = mutils.registered_models()
+DATASETS = datasets.valid_names()
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -579,6 +583,7 @@ PROJECT_KEYS = {
     "data.eval_fraction": 0.0,
     "data.cache_dir": "",
     "data.eval_split": "",
+    "plugins": "",
 }
 
 # Configs that take an argument, and the reference file each argument stands for.
@@ -601,7 +606,7 @@ def test_discovery_finds_every_reference_config():
     # argument cover exactly the reference files that differ only by values.
     assert sorted(VARIANT_IDS) == sorted(EXPECTED)
     assert sorted(ARG_IDS) == sorted(ARG_ALIASES)
-    assert HELPERS == ["presets.py"]
+    assert HELPERS == ["plugins.py", "presets.py"]
     assert sorted(p.name for p in DEFAULT_PATHS) == [
         "default_celeba_configs.py",
         "default_cifar10_configs.py",
