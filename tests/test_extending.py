@@ -209,6 +209,15 @@ def test_a_failing_plugin_is_one_line_naming_it(tmp_path):
     config.plugins = "no_such_plugin_module"
     with pytest.raises(run_lib.ConfigError, match="no such plugin 'no_such_plugin_module'"):
         run_lib.validate_config(config)
+    # A plugin file a workdir recorded and that was deleted since: the message says where.
+    workdir = tmp_path / "recorded"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"plugins": f"{tmp_path}/gone.py"}))
+    config.plugins = ""
+    with pytest.raises(plugins.PluginError) as err:
+        plugins.record(config, str(workdir))
+    assert str(err.value) == (f"config.plugins: no such plugin file '{tmp_path}/gone.py' "
+                              f"(recorded in {workdir}/config.json).")
     # Through main.py: one line and exit code 2, before JAX starts and before the workdir.
     workdir = str(tmp_path / "w")
     t0 = time.time()
