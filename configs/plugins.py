@@ -115,7 +115,10 @@ def _import_module(name: str):
         else:
             failure = _failure(name, e, None)
     except Exception as e:  # noqa: BLE001 (a plugin may raise anything)
-        origin = getattr(importlib.util.find_spec(name), "origin", None)
+        try:
+            origin = getattr(importlib.util.find_spec(name), "origin", None)
+        except Exception:  # noqa: BLE001 (its package failed to import: no line to name)
+            origin = None
         failure = _failure(name, e, origin)
     raise PluginError(failure)
 

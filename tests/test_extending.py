@@ -251,3 +251,24 @@ def test_train_then_sample_through_main_with_the_plugins(examples, data_dir, tmp
     samples = np.load(os.path.join(workdir, "sample", ckpt, "samples.npz"))["samples"]
     assert samples.shape == (16, 28, 28, 1) and samples.dtype == np.uint8
     assert samples.std() > 0  # not a constant image
+
+
+def test_a_plugin_given_as_a_module_name(tmp_path, monkeypatch):
+    (tmp_path / "my_lab").mkdir()
+    (tmp_path / "my_lab" / "__init__.py").write_text("")
+    (tmp_path / "my_lab" / "samplers.py").write_text(
+        "import sampling\n\n\n@sampling.register_sampler(name='test_only_module_sampler')\n"
+        "def factory(config, sde, shape, inverse_scaler, eps):\n    return None\n")
+    (tmp_path / "my_lab" / "broken.py").write_text("import numpy\nnumpy.nope\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        (module,) = plugins.load(" my_lab.samplers ")
+        assert sampling.get_sampler("test_only_module_sampler") is module.factory
+        assert plugins.normalize("my_lab.samplers") == "my_lab.samplers"  # not a path
+    finally:
+        sampling._SAMPLERS.pop("test_only_module_sampler", None)
+    with pytest.raises(plugins.PluginError, match=r"'my_lab.broken' failed to import \(line 2\): "
+                                                  r"AttributeError: module 'numpy' has no attr"):
+        plugins.load("my_lab.broken")
+    with pytest.raises(plugins.PluginError, match=r"no such plugin 'my_lab.missing' \(neither"):
+        plugins.load("my_lab.missing")
