@@ -1,7 +1,8 @@
 """Entry point: `python main.py --mode=MODE --config=CONFIG --workdir=DIR`.
 
 Config values are overridden with `--config.a.b=value`; the config is locked, so a
-misspelled key stops the run at once. Several hosts: set JAX_COORDINATOR_ADDRESS,
+misspelled key stops the run at once. `--config.plugins=my_sde.py,...` loads a researcher's own
+SDEs, samplers and networks (docs/extending.md). Several hosts: set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under a cluster that jax.distributed detects)
 and start the same command on every host.
 

@@ -34,7 +34,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
 def _training() -> ml_collections.ConfigDict:
     training = ml_collections.ConfigDict()
-    training.sde = "vesde"  # 'vesde' | 'vpsde' | 'subvpsde'
+    training.sde = "vesde"  # 'vesde' | 'vpsde' | 'subvpsde' | a plugin's (sde_lib.register_sde)
     training.continuous = True  # False: SMLD / DDPM discrete-noise objectives
     training.batch_size = 128
     training.n_iters = 1300001

@@ -115,7 +115,10 @@ def _import_module(name: str):
         else:
             failure = _failure(name, e, None)
     except Exception as e:  # noqa: BLE001 (a plugin may raise anything)
-        origin = getattr(importlib.util.find_spec(name), "origin", None)
+        try:
+            origin = getattr(importlib.util.find_spec(name), "origin", None)
+        except Exception:  # noqa: BLE001 (its package failed to import: no line to name)
+            origin = None
         failure = _failure(name, e, origin)
     raise PluginError(failure)
 
@@ -143,10 +146,22 @@ def recorded(workdir: str | None) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _load_recorded(workdir: str | None) -> str:
+    """Imports the plugins recorded in `<workdir>/config.json`; returns them."""
+    spec = recorded(workdir)
+    try:
+        load(spec)
+    except PluginError as e:
+        failure = f"{str(e).rstrip('.')} (recorded in {os.path.join(workdir, 'config.json')})."
+    else:
+        return spec
+    raise PluginError(failure)
+
+
 def record(config: ml_collections.ConfigDict, workdir: str | None) -> ml_collections.ConfigDict:
     """Imports the workdir's recorded plugins and the config's own, and sets `config.plugins`
     to all of them (what the run records in its config.json). Returns `config`."""
-    spec = normalize(recorded(workdir), config.get("plugins", ""))
+    spec = normalize(_load_recorded(workdir), config.get("plugins", ""))
     load(spec)
     with config.unlocked():
         config.plugins = spec
@@ -177,8 +192,8 @@ class ConfigFileParser(config_flags.ConfigFileFlagParser):
         if isinstance(config, ml_collections.ConfigDict):
             argv = sys.argv
             given = _flag_value(argv, "config.plugins")
-            load(recorded(_flag_value(argv, "workdir")),
-                 config.get("plugins", "") if given is None else given)
+            _load_recorded(_flag_value(argv, "workdir"))
+            load(config.get("plugins", "") if given is None else given)
             configs.add_plugin_defaults(config)
             if "plugins" not in config:  # a config file in the reference's format
                 with config.unlocked():

@@ -209,6 +209,15 @@ def test_a_failing_plugin_is_one_line_naming_it(tmp_path):
     config.plugins = "no_such_plugin_module"
     with pytest.raises(run_lib.ConfigError, match="no such plugin 'no_such_plugin_module'"):
         run_lib.validate_config(config)
+    # A plugin file a workdir recorded and that was deleted since: the message says where.
+    workdir = tmp_path / "recorded"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"plugins": f"{tmp_path}/gone.py"}))
+    config.plugins = ""
+    with pytest.raises(plugins.PluginError) as err:
+        plugins.record(config, str(workdir))
+    assert str(err.value) == (f"config.plugins: no such plugin file '{tmp_path}/gone.py' "
+                              f"(recorded in {workdir}/config.json).")
     # Through main.py: one line and exit code 2, before JAX starts and before the workdir.
     workdir = str(tmp_path / "w")
     t0 = time.time()
@@ -242,3 +251,24 @@ def test_train_then_sample_through_main_with_the_plugins(examples, data_dir, tmp
     samples = np.load(os.path.join(workdir, "sample", ckpt, "samples.npz"))["samples"]
     assert samples.shape == (16, 28, 28, 1) and samples.dtype == np.uint8
     assert samples.std() > 0  # not a constant image
+
+
+def test_a_plugin_given_as_a_module_name(tmp_path, monkeypatch):
+    (tmp_path / "my_lab").mkdir()
+    (tmp_path / "my_lab" / "__init__.py").write_text("")
+    (tmp_path / "my_lab" / "samplers.py").write_text(
+        "import sampling\n\n\n@sampling.register_sampler(name='test_only_module_sampler')\n"
+        "def factory(config, sde, shape, inverse_scaler, eps):\n    return None\n")
+    (tmp_path / "my_lab" / "broken.py").write_text("import numpy\nnumpy.nope\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        (module,) = plugins.load(" my_lab.samplers ")
+        assert sampling.get_sampler("test_only_module_sampler") is module.factory
+        assert plugins.normalize("my_lab.samplers") == "my_lab.samplers"  # not a path
+    finally:
+        sampling._SAMPLERS.pop("test_only_module_sampler", None)
+    with pytest.raises(plugins.PluginError, match=r"'my_lab.broken' failed to import \(line 2\): "
+                                                  r"AttributeError: module 'numpy' has no attr"):
+        plugins.load("my_lab.broken")
+    with pytest.raises(plugins.PluginError, match=r"no such plugin 'my_lab.missing' \(neither"):
+        plugins.load("my_lab.missing")
