@@ -35,7 +35,8 @@ from models import utils as mutils
 
 DOC = os.path.join(ROOT, "docs", "extending.md")
 EXAMPLE = re.compile(r"^File `(?P<name>[\w.]+)`:\n\n```python\n(?P<code>.*?)^```$", re.M | re.S)
-FILES = ("power_ve.py", "eta_euler.py", "steady_langevin.py", "pf_euler.py", "tiny_net.py")
+FILES = ("power_ve.py", "eta_euler.py", "steady_langevin.py", "pf_euler.py", "tiny_net.py",
+         "discs.py")
 # What the examples register, as the two documented commands name them.
 PLUGIN_CONFIG = ("--config.training.sde=power_ve", "--config.model.name=tiny_net")
 
@@ -68,7 +69,7 @@ def test_the_page_has_one_example_per_component_and_the_dataset_heading():
     with open(DOC) as f:
         text = f.read()
     assert "## A new dataset" in text and "datasets.register_dataset" in text
-    for heading in ("SDE", "predictor", "corrector", "sampler", "network"):
+    for heading in ("SDE", "predictor", "corrector", "sampler", "network", "dataset"):
         assert f"## A new {heading}" in text
 
 
@@ -188,6 +189,28 @@ def test_the_examples_sample_gaussian_data(examples):
                                      err_msg=name)
 
 
+def test_the_example_dataset_feeds_the_pipeline(examples):
+    import datasets
+
+    config = tiny_test.get_config()
+    config.data.dataset = "discs"
+    assert "discs" in datasets.valid_names()
+    train_ds, eval_ds, _ = datasets.get_dataset(config, evaluation=True)
+    batch = next(iter(eval_ds))
+    images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
+    assert images.shape == (config.eval.batch_size, 28, 28, 1)
+    # Discs: every pixel black or white (no resize at the native size), classes 0-2.
+    assert set(np.unique(images)) <= {0.0, 1.0} and images.max() == 1.0
+    assert set(labels.tolist()) <= {0, 1, 2}
+    # A disc of radius r covers about pi r^2 pixels: the class follows the white area.
+    area = images.reshape(len(images), -1).sum(1) / 28**2
+    np.testing.assert_array_less(area[labels == 0], np.pi * 0.23**2 + 0.02)
+    np.testing.assert_array_less(np.pi * 0.23**2 - 0.02, area[labels >= 1])
+    config.data.num_channels = 3
+    with pytest.raises(run_lib.ConfigError, match="num_channels=3 but discs has 1 channel"):
+        run_lib.validate_config(config)
+
+
 def test_validation_accepts_the_plugins_and_names_what_they_cannot_do(examples):
     config = _tiny_plugin_config(examples)
     run_lib.validate_config(config)
@@ -230,13 +253,14 @@ def test_a_failing_plugin_is_one_line_naming_it(tmp_path):
 def test_train_then_sample_through_main_with_the_plugins(examples, data_dir, tmp_path):
     workdir = str(tmp_path / "w")
     run(main_args("train", workdir, data_dir, f"--config.plugins={','.join(examples.values())}",
-                  *PLUGIN_CONFIG, "--config.model.sigma_power=1.0",
+                  *PLUGIN_CONFIG, "--config.model.sigma_power=1.0", "--config.data.dataset=discs",
                   "--config.sampling.predictor=eta_euler",
                   "--config.sampling.corrector=steady_langevin"))
     with open(os.path.join(workdir, "config.json")) as f:
         recorded = json.load(f)
     assert recorded["plugins"] == ",".join(examples.values())
     assert (recorded["training"]["sde"], recorded["model"]["name"]) == ("power_ve", "tiny_net")
+    assert recorded["data"]["dataset"] == "discs"
     # The snapshot grids came from the PC sampler with the plugin predictor and corrector.
     snapshots = os.listdir(os.path.join(workdir, "samples"))
     assert snapshots
