@@ -5,7 +5,9 @@
 
 * training mode (`evaluation=False`): images `[n_jitted_steps, local_batch, H, W, C]`, labels
   `[n_jitted_steps, local_batch]`; both splits are shuffled (buffer 10000) and repeated forever;
-  random horizontal flips (when `config.data.random_flip`) only on the train split.
+  random horizontal flips (when `config.data.random_flip`) only on the train split. Splits held
+  in memory (IDX files) are instead permuted afresh each epoch by a stateless index shuffle, so
+  that the pipeline can start at any batch (`start_batch`) and its position is its state.
 * evaluation mode (`evaluation=True`): images `[local_batch, H, W, C]`, labels `[local_batch]`;
   one pass, in the stored order, never flipped, so that an evaluation can be resumed batch by
   batch. Evaluation uses `config.eval.batch_size`.
@@ -268,6 +270,9 @@ class FileSource:
     name: str
     files: dict[str, tuple[str, ...]]
     num_examples: dict[str, int] | None = None
+    # The splits are held in memory, so the training pipeline starts at any batch at once
+    # (`get_dataset(..., start_batch=k)`): its state is one number, the batches consumed.
+    seekable: bool = False
 
 
 def _idx_source(spec: DatasetSpec, data_dir: str | None):
@@ -291,10 +296,8 @@ def _idx_source(spec: DatasetSpec, data_dir: str | None):
         # Equal contiguous shards per host (like tfds.even_splits(drop_remainder=True)).
         n = counts[split] = images.shape[0] // pc
         shard = slice(pi * n, (pi + 1) * n)
-        raw[split] = tf.data.Dataset.from_tensor_slices(
-            {"image": images[shard, :, :, None], "label": labels[shard]}
-        )
-    return FileSource(spec.name, {s: tuple(f) for s, f in files.items()}, counts), raw
+        raw[split] = {"image": images[shard, :, :, None], "label": labels[shard]}
+    return FileSource(spec.name, {s: tuple(f) for s, f in files.items()}, counts, True), raw
 
 
 def _tfds_name(spec: DatasetSpec, config) -> str:
@@ -407,20 +410,47 @@ def _tfrecord_source(spec: DatasetSpec, config):
 # ----------------------------------------------------------------------------- pipeline
 
 
-def _pipeline(ds, config, spec, local_batch, *, split_id, evaluation, dequantize, stream):
-    """Shuffles and repeats (training), preprocesses, dequantizes, flips and batches a split."""
+def _shuffled_in_memory(arrays: dict, shuffle_seed: int, start: int) -> tf.data.Dataset:
+    """(running index p, example) from p = `start` on, of a split held in memory, repeated:
+    epoch p // n is a permutation of the n examples, a stateless index shuffle keyed by
+    `shuffle_seed` and the epoch. Any position is reached at once, so the pipeline's state is
+    p alone (a shuffle buffer's state holds its buffered examples: MBs per checkpoint)."""
+    n = len(arrays["image"])
+    if n == 0:
+        raise DataError("The training split holds no images.")
+    tensors = {k: tf.constant(v) for k, v in arrays.items()}
+
+    def example(p):
+        seed = tf.stack([tf.constant(shuffle_seed, tf.int64), p // n])
+        i = tf.random.experimental.index_shuffle(p % n, seed, tf.constant(n - 1, tf.int64))
+        return p, {k: tf.gather(t, i) for k, t in tensors.items()}
+
+    return tf.data.Dataset.counter(start).map(example)
+
+
+def _pipeline(ds, config, spec, local_batch, *, split_id, evaluation, dequantize, stream,
+              start=0):
+    """Shuffles and repeats (training), preprocesses, dequantizes, flips and batches a split.
+    `ds` is a tf.data.Dataset, or a dict of arrays (a split held in memory), whose training
+    pipeline starts at example `start`."""
     seed, size = int(config.seed), int(config.data.image_size)
     flip = bool(config.data.random_flip) and split_id == 0 and not evaluation
     base_key = tf.random.experimental.stateless_fold_in(
         tf.constant([seed, split_id], tf.int64), jax.process_index()
     )
-    if not evaluation:
-        # 10000 as in the reference; a smaller optional config.data.shuffle_buffer_size saves
-        # memory at high resolution (the buffer holds decoded images).
-        buffer = int(config.data.get("shuffle_buffer_size", SHUFFLE_BUFFER_SIZE))
-        ds = ds.repeat().shuffle(buffer, seed=stream + split_id)
-    # A running index keys the per-example noise, so results do not depend on map parallelism.
-    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), ds)
+    if isinstance(ds, dict) and not evaluation:
+        ds = _shuffled_in_memory(ds, stream + split_id, start)
+    else:
+        if isinstance(ds, dict):
+            ds = tf.data.Dataset.from_tensor_slices(ds)
+        if not evaluation:
+            # 10000 as in the reference; a smaller optional config.data.shuffle_buffer_size
+            # saves memory at high resolution (the buffer holds decoded images).
+            buffer = int(config.data.get("shuffle_buffer_size", SHUFFLE_BUFFER_SIZE))
+            ds = ds.repeat().shuffle(buffer, seed=stream + split_id)
+        # A running index keys the per-example noise, so results do not depend on map
+        # parallelism.
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), ds)
 
     def preprocess(index, d):
         img = spec.preprocess(d["image"], size)
@@ -446,7 +476,8 @@ def _pipeline(ds, config, spec, local_batch, *, split_id, evaluation, dequantize
 
 
 def get_dataset(
-    config, uniform_dequantization: bool = False, evaluation: bool = False, download: bool = False
+    config, uniform_dequantization: bool = False, evaluation: bool = False, download: bool = False,
+    start_batch: int = 0,
 ):
     """Creates the training and evaluation pipelines for `config.data.dataset`.
 
@@ -460,6 +491,9 @@ def get_dataset(
         `n_jitted_steps` dimension (see the module docstring).
       download: let tfds download and prepare a missing data set, as `config.data.download`
         does (either switch enables it; both are off by default).
+      start_batch: training mode, sources that are held in memory (the returned source's
+        `seekable`): the training pipeline starts after this many batches, exactly as the
+        uninterrupted pipeline continues there.
 
     Returns:
       `(train_ds, eval_ds, dataset_builder)`: two `tf.data.Dataset`s of dicts `{'image': float32
@@ -482,9 +516,11 @@ def get_dataset(
     elif spec.source == "idx_or_tfds":
         source = _idx_source(spec, config.data.get("data_dir", None))
     builder, raw = source or _tfds_source(spec, config, evaluation, download, stream)
+    n_jitted = 1 if evaluation else int(config.training.get("n_jitted_steps", 1))
     train_ds, eval_ds = (
         _pipeline(raw[split], config, spec, local_batch, split_id=i, evaluation=evaluation,
-                  dequantize=uniform_dequantization, stream=stream)
+                  dequantize=uniform_dequantization, stream=stream,
+                  start=int(start_batch) * n_jitted * local_batch if i == 0 else 0)
         for i, split in enumerate(spec.splits)
     )
     return train_ds, eval_ds, builder
