@@ -365,6 +365,9 @@ class FileSource:
     files: dict[str, tuple[str, ...]]
     num_examples: dict[str, int] | None = None
     class_names: tuple[str, ...] | None = None
+    # The training split is held in memory, so its pipeline starts at any batch at once
+    # (`get_dataset(..., start_batch=k)`): its state is one number, the batches consumed.
+    seekable: bool = False
 
 
 def _idx_source(name: str, splits, idx_files, data_dir: str | None):
@@ -699,9 +702,29 @@ def any_tfds(config, request: LoadRequest) -> Splits:
 _ARRAY_CHUNK = 256  # examples per read from an ArraySplit
 
 
-def _array_dataset(name: str, which: str, split, shuffle_seed: int | None) -> tf.data.Dataset:
+def _index_shuffle(index: np.ndarray, shuffle_seed: int):
+    """p -> index[perm_e(p mod n)], e = p // n: running position p to the example it reads,
+    each epoch e a fresh permutation of the n examples (a stateless index shuffle keyed by
+    `shuffle_seed` and e). Any position is reached at once, so a pipeline's state is p alone
+    (a shuffle buffer's state holds what it buffered)."""
+    n = len(index)
+    if n == 0:
+        raise DataError("The training split holds no images.")
+    table = tf.constant(index, tf.int64)
+
+    def pick(p):
+        seed = tf.stack([tf.constant(shuffle_seed, tf.int64), p // n])
+        return tf.gather(table, tf.random.experimental.index_shuffle(
+            p % n, seed, tf.constant(n - 1, tf.int64)))
+
+    return pick
+
+
+def _array_dataset(name: str, which: str, split, shuffle_seed: int | None,
+                   start: int = 0) -> tf.data.Dataset:
     """This host's contiguous shard of an ArraySplit (or (images, labels) / images) as raw
-    examples, read in chunks; shuffled every pass when `shuffle_seed` is given."""
+    examples, read in chunks. With `shuffle_seed`: repeated, each pass in a fresh random
+    order, from running position `start` on."""
     if isinstance(split, np.ndarray):
         split = ArraySplit(split)
     elif isinstance(split, tuple):
@@ -736,23 +759,26 @@ def _array_dataset(name: str, which: str, split, shuffle_seed: int | None) -> tf
         y.set_shape([None])
         return {"image": x, "label": y}
 
-    ds = tf.data.Dataset.from_tensor_slices(index)
-    if shuffle_seed is not None:
-        ds = ds.shuffle(max(len(index), 1), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return ds.batch(_ARRAY_CHUNK).map(read_chunk).unbatch()
+    if shuffle_seed is None:
+        ids = tf.data.Dataset.from_tensor_slices(index)
+    else:
+        ids = tf.data.Dataset.counter(start).map(_index_shuffle(index, shuffle_seed))
+    return ids.batch(_ARRAY_CHUNK).map(read_chunk).unbatch()
 
 
-def _raw_dataset(name: str, which: str, split, shuffle_seed: int | None) -> tf.data.Dataset:
+def _raw_dataset(name: str, which: str, split, shuffle_seed: int | None,
+                 start: int = 0) -> tf.data.Dataset:
     if isinstance(split, tf.data.Dataset):
         return split
-    return _array_dataset(name, which, split, shuffle_seed)
+    return _array_dataset(name, which, split, shuffle_seed, start)
 
 
 def _pipeline(ds, config, spec, local_batch, *, split_id, evaluation, dequantize, stream,
-              shuffled=False):
+              shuffled=False, start=0):
     """Shuffles and repeats (training), preprocesses, dequantizes, flips and batches a split.
-    `shuffled`: the raw examples already come in a fresh random order every pass (arrays:
-    `_array_dataset`), so no shuffle buffer of decoded images is needed."""
+    `shuffled`: the raw examples already come repeated, in a fresh random order every pass,
+    from running position `start` on (arrays: `_array_dataset`), so no shuffle buffer of
+    decoded images is needed."""
     seed, size = int(config.seed), int(config.data.image_size)
     channels = spec.channels or int(config.data.num_channels)
     flip = bool(config.data.random_flip) and split_id == 0 and not evaluation
@@ -763,9 +789,10 @@ def _pipeline(ds, config, spec, local_batch, *, split_id, evaluation, dequantize
         # 10000 as in the reference; a smaller optional config.data.shuffle_buffer_size saves
         # memory at high resolution (the buffer holds decoded images).
         buffer = int(config.data.get("shuffle_buffer_size", SHUFFLE_BUFFER_SIZE))
-        ds = ds.repeat() if shuffled else ds.repeat().shuffle(buffer, seed=stream + split_id)
+        if not shuffled:
+            ds = ds.repeat().shuffle(buffer, seed=stream + split_id)
     # A running index keys the per-example noise, so results do not depend on map parallelism.
-    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), ds)
+    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start), ds)
 
     def preprocess(index, d):
         img = spec.preprocess(d["image"], size)
@@ -792,7 +819,8 @@ def _pipeline(ds, config, spec, local_batch, *, split_id, evaluation, dequantize
 
 
 def get_dataset(
-    config, uniform_dequantization: bool = False, evaluation: bool = False, download: bool = False
+    config, uniform_dequantization: bool = False, evaluation: bool = False, download: bool = False,
+    start_batch: int = 0,
 ):
     """Creates the training and evaluation pipelines for `config.data.dataset`.
 
@@ -806,6 +834,9 @@ def get_dataset(
         `n_jitted_steps` dimension (see the module docstring).
       download: let tfds download and prepare a missing data set, as `config.data.download`
         does (either switch enables it; both are off by default).
+      start_batch: training mode, splits held in memory (the returned `FileSource`'s
+        `seekable`): the training pipeline starts after this many batches, exactly as the
+        uninterrupted pipeline continues there.
 
     Returns:
       `(train_ds, eval_ds, dataset_builder)`: two `tf.data.Dataset`s of dicts `{'image': float32
@@ -827,11 +858,22 @@ def get_dataset(
     if not isinstance(splits, Splits):
         raise TypeError(f"The loader of data set {spec.name!r} returned "
                         f"{type(splits).__name__}; expected datasets.Splits.")
+    n_jitted = 1 if evaluation else int(config.training.get("n_jitted_steps", 1))
+    start = int(start_batch) * n_jitted * local_batch
+    in_memory = not isinstance(splits.train, tf.data.Dataset)
+    if start and not in_memory:
+        raise ValueError(f"Data set {spec.name!r} streams its training split; it cannot start "
+                         "at a given batch (start_batch).")
     train_ds, eval_ds = (
-        _pipeline(_raw_dataset(spec.name, which, split, None if evaluation else stream + i),
+        _pipeline(_raw_dataset(spec.name, which, split, None if evaluation else stream + i,
+                               start if i == 0 else 0),
                   config, spec, local_batch, split_id=i, evaluation=evaluation,
                   dequantize=uniform_dequantization, stream=stream,
-                  shuffled=not isinstance(split, tf.data.Dataset))
+                  shuffled=not isinstance(split, tf.data.Dataset),
+                  start=start if i == 0 else 0)
         for i, (which, split) in enumerate((("train", splits.train), ("eval", splits.eval)))
     )
-    return train_ds, eval_ds, splits.source
+    source = splits.source
+    if isinstance(source, FileSource) and in_memory:
+        source = dataclasses.replace(source, seekable=True)
+    return train_ds, eval_ds, source

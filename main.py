@@ -60,8 +60,28 @@ def _config_error(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _check_config_file(argv) -> None:
+    """Exit 2 with one line if --config names no file, before anything slow is imported."""
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--config="):
+            value = arg[len("--config="):]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        # ml_collections allows `file.py:argument`; the part before the colon is the file then.
+        path = value if os.path.exists(value) else value.split(":", 1)[0]
+        if os.path.isdir(path):
+            _fail(f"--config={value} is a folder; expected a config file, e.g. "
+                  "configs/ve/cifar10_ncsnpp_continuous.py.", USAGE_EXIT)
+        if not os.path.isfile(path):
+            _fail(f"--config={value}: no such config file (looked for {os.path.abspath(path)}).",
+                  USAGE_EXIT)
+
+
 def parse_flags(argv):
     """absl's flag parsing, with one line and exit code 2 instead of a traceback."""
+    _check_config_file(argv)
     try:
         rest = FLAGS(argv)
         FLAGS.config  # noqa: B018 (loads the config file and applies the overrides)

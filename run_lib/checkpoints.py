@@ -1,7 +1,8 @@
 """Checkpoints that survive kills, full disks and damaged files.
 
   checkpoints/checkpoint_<k>/   snapshot k (Orbax): the state at step k * snapshot_freq, or the
-                                final step of a run that ended between two multiples
+                                final step of a run that ended between two multiples (never
+                                overwritten: a longer run's step goes to the next free k)
   checkpoints-meta/<step>/      the newest META_KEEP states, every snapshot_freq_for_preemption
   checkpoints-meta/data/process_<i>/step_<step>/   host i's input-pipeline position
   <checkpoint dir>/score_sde_manifest.json         the step and the SHA-256 of every file
@@ -10,7 +11,8 @@ Orbax writes each checkpoint to a temporary directory and renames it into place,
 pipeline position is written the same way, so a kill leaves either a complete checkpoint or
 debris that is ignored and cleaned up at the next start. The manifest lets a restore refuse
 a checkpoint whose bytes changed after it was written (naming the file) and fall back to an
-older one.
+older one; a checkpoint without its manifest (a kill between Orbax's rename and the manifest,
+or a partial copy), or with a damaged one, is unverified and treated the same way.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging as pylogging
 import os
 import re
 import shutil
+import sys
+import threading
 
 import jax
 import orbax.checkpoint as ocp
@@ -38,6 +43,10 @@ META_KEEP = 2  # so that a damaged newest preemption checkpoint has an older one
 
 class DamagedCheckpointError(CheckpointError):
     """A checkpoint whose files are missing, truncated or changed since they were written."""
+
+
+class IncompleteCheckpointError(DamagedCheckpointError):
+    """A checkpoint folder without its manifest: a write that did not finish or a partial copy."""
 
 
 class ConfigMismatchError(CheckpointError):
@@ -128,19 +137,37 @@ def _file_hashes(folder: str) -> dict[str, str]:
 
 
 def read_manifest(folder: str) -> dict | None:
+    """The manifest of a checkpoint folder; None if it has none. DamagedCheckpointError if it
+    cannot be read or is not a manifest (a truncated or garbled file)."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("train_step"), int)
+                and isinstance(manifest.get("sha256"), dict)):
+            raise ValueError("not a manifest (no train_step and sha256)")
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise DamagedCheckpointError(f"{path} is damaged ({e}): the checkpoint cannot be "
+                                     "verified.") from None
+    return manifest
 
 
-def verify(folder: str) -> dict | None:
-    """Checks a checkpoint's files against its manifest; returns the manifest (None if the
-    checkpoint predates manifests). Raises DamagedCheckpointError naming the first bad file."""
+def has_manifest(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, MANIFEST))
+
+
+def verify(folder: str) -> dict:
+    """Checks a checkpoint's files against its manifest; returns the manifest. Raises
+    IncompleteCheckpointError without a manifest (every checkpoint this project writes has one:
+    a folder without it is a write that did not finish or a partial copy), and
+    DamagedCheckpointError naming the first bad file."""
     manifest = read_manifest(folder)
     if manifest is None:
-        return None
+        raise IncompleteCheckpointError(
+            f"{folder} has no {MANIFEST}: the checkpoint is incomplete (a write that did not "
+            "finish, or a partial copy) and cannot be verified.")
     actual = _file_hashes(folder)
     for rel, expected in sorted(manifest["sha256"].items()):
         if rel not in actual:
@@ -154,35 +181,115 @@ def verify(folder: str) -> dict | None:
 
 # ---------------------------------------------------------------------------- save / restore
 
-def _state_bytes(state) -> int:
+def state_bytes(state) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
 
 
-def save(manager, step: int, state, phase: str, train_step: int) -> None:
-    """Saves `state` as `step` of `manager` with its manifest; `phase` names the fault points."""
+def save(manager, step: int, state, phase: str, train_step: int,
+         data_bytes: int | None = None) -> None:
+    """Saves `state` as `step` of `manager` with its manifest; `phase` names the fault points.
+    `data_bytes`: the size of the input-pipeline state saved with it (for the log line)."""
     faults.point(f"{phase}.before", train_step)
     faults.watch(f"{phase}.during", train_step, os.path.join(str(manager.directory), "*tmp*"))
-    try:
-        faults.point(f"{phase}.write", train_step)
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        manager.wait_until_finished()
-    except Exception as e:
-        if _is_disk_full(e):
-            _remove_debris(str(manager.directory))
-            raise _disk_full(str(manager.directory), _state_bytes(state)) from None
-        raise
+    # What the previous checkpoint takes on disk (Orbax adds metadata to the arrays' bytes).
+    previous = max(manager.all_steps(), default=None)
+    on_disk = _folder_bytes(step_dir(manager, previous)) if previous is not None else 0
+    with _library_noise_held() as noise:
+        try:
+            faults.point(f"{phase}.write", train_step)
+            manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            manager.wait_until_finished()
+        except Exception as e:
+            if _is_disk_full(e):
+                noise.drop = True
+                _remove_debris(str(manager.directory))
+                raise _disk_full(str(manager.directory), max(state_bytes(state), on_disk),
+                                 data_bytes) from None
+            raise
     faults.point(f"{phase}.manifest", train_step)
-    write_manifest(step_dir(manager, step), train_step)
+    write_manifest(step_dir(manager, step), train_step, data_bytes)
     faults.point(f"{phase}.after", train_step)
 
 
-def write_manifest(folder: str, train_step: int) -> None:
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 \
+        else f"{n} bytes"
+
+
+def write_manifest(folder: str, train_step: int, data_bytes: int | None = None) -> None:
     """Records the training step and the SHA-256 of every file of a committed checkpoint."""
     if files.is_chief():
         manifest = {"train_step": int(train_step), "sha256": _file_hashes(folder)}
         files.atomic_write_text(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
         size = sum(os.path.getsize(os.path.join(folder, rel)) for rel in manifest["sha256"])
-        logging.info("Saved %s (step %d, %.1f MiB).", folder, train_step, size / 2**20)
+        data = "" if data_bytes is None else f"; input-pipeline state {_fmt_bytes(data_bytes)}"
+        logging.info("Saved %s (step %d, %s%s).", folder, train_step, _fmt_bytes(size), data)
+
+
+def _folder_bytes(folder: str) -> int:
+    """What a folder's files take on disk (whole blocks)."""
+    return sum(os.stat(os.path.join(root, n)).st_blocks * 512
+               for root, _, names in os.walk(folder) for n in names)
+
+
+class _HeldNoise:
+    """What libraries report while a save runs: their log records of WARNING and above, and
+    the tracebacks of their threads. On a full disk Orbax's threads fail one by one, each with
+    an error line and a traceback, and would bury the one line that says what happened."""
+
+    def __init__(self):
+        self.held, self.drop = [], False
+        self._hooks = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+
+    def filter(self, record) -> bool:
+        if record.levelno >= pylogging.WARNING and "site-packages" in (record.pathname or ""):
+            self.held.append(("log", record))
+            return False
+        return True
+
+    def __enter__(self):
+        for name in _NOISY_LOGGERS:
+            pylogging.getLogger(name).addFilter(self)
+        sys.excepthook = lambda *a: self.held.append(("excepthook", a))
+        threading.excepthook = lambda a: self.held.append(("thread", a))
+        sys.unraisablehook = lambda u: self.held.append(("unraisable", u))
+        return self
+
+    def __exit__(self, *exc):
+        for name in _NOISY_LOGGERS:
+            pylogging.getLogger(name).removeFilter(self)
+        if self.drop:
+            _silence_for_exit()
+            return False
+        sys.excepthook, threading.excepthook, sys.unraisablehook = self._hooks
+        for kind, item in self.held:  # anything else: shown as it would have been
+            if kind == "log":
+                pylogging.getLogger(item.name).handle(item)
+            elif kind == "excepthook":
+                sys.excepthook(*item)
+            elif kind == "thread":
+                threading.excepthook(item)
+            else:
+                sys.unraisablehook(item)
+        return False
+
+
+_NOISY_LOGGERS = ("absl", "asyncio")
+
+
+def _ignore(*args) -> None:
+    del args
+
+
+def _silence_for_exit() -> None:
+    """The run ends with its one line `error: Disk full ...`: Orbax's threads still failing,
+    and its futures garbage-collected at exit, must print nothing after it."""
+    sys.excepthook = threading.excepthook = sys.unraisablehook = _ignore
+    pylogging.disable(pylogging.CRITICAL)
+    pylogging.raiseExceptions = False  # the log file is on the full disk too
+
+
+_library_noise_held = _HeldNoise
 
 
 def _is_disk_full(error) -> bool:
@@ -195,11 +302,25 @@ def _is_disk_full(error) -> bool:
     return False
 
 
-def _disk_full(path: str, needed: int) -> DiskFullError:
+# Room Orbax needs beyond a checkpoint's final size while it writes (its temporary files and
+# metadata, and whole file-system blocks): measured on a 3 MB tmpfs, a 1.4 MiB tiny-config
+# checkpoint failed with 1.6 MiB free.
+WRITE_ROOM = 1.25
+
+
+def _disk_full(path: str, state_bytes: int | None, data_bytes: int | None) -> DiskFullError:
+    """The one line for a full disk: what a preemption checkpoint needs in all (model state and
+    input-pipeline state; an unknown part said so) against what is free."""
     free = shutil.disk_usage(path).free if os.path.exists(path) else 0
+    parts = [(name, n) for name, n in (("model state", state_bytes),
+                                       ("input-pipeline state", data_bytes)) if n is not None]
+    needed = int(WRITE_ROOM * sum(n for _, n in parts))
+    detail = " + ".join(f"{name} {_fmt_bytes(n)}" for name, n in parts)
+    unknown = "" if data_bytes is not None else " + the input-pipeline state"
     return DiskFullError(f"Disk full while writing a checkpoint to {path}: about "
-                         f"{needed / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free. "
-                         "Existing checkpoints are untouched; free space and rerun to resume.")
+                         f"{_fmt_bytes(needed)} needed ({detail}{unknown}, and room to write "
+                         f"them), {_fmt_bytes(free)} free. Existing checkpoints are untouched; "
+                         "free space and rerun to resume.")
 
 
 def _remove_debris(folder: str) -> None:
@@ -239,7 +360,8 @@ def restore(manager, step: int, abstract):
 
 def restore_newest_good(manager, abstract):
     """(state, step) from the newest meta checkpoint that verifies, falling back to older ones
-    with a warning; (None, None) if there is none. A config mismatch is not damage: it stops."""
+    with a warning; (None, None) if there is none, or if every one is incomplete (no manifest:
+    a write that a kill interrupted). A config mismatch is not damage: it stops."""
     steps = sorted(manager.all_steps(), reverse=True)
     damaged = []
     for step in steps:
@@ -247,10 +369,10 @@ def restore_newest_good(manager, abstract):
             return restore(manager, step, abstract), step
         except DamagedCheckpointError as e:
             logging.warning("%s Falling back to an older checkpoint.", e)
-            damaged.append(str(e))
-    if damaged:
+            damaged.append(e)
+    if any(not isinstance(e, IncompleteCheckpointError) for e in damaged):
         raise DamagedCheckpointError("Every preemption checkpoint is damaged:\n  "
-                                     + "\n  ".join(damaged))
+                                     + "\n  ".join(map(str, damaged)))
     return None, None
 
 
@@ -264,24 +386,71 @@ def _data_folder(workdir: str) -> str:
                         f"process_{jax.process_index()}")
 
 
-def save_data_state(workdir: str, step: int, iterator) -> None:
-    """Saves this host's input-pipeline position, atomically (temp folder, then rename)."""
+class PositionIterator:
+    """The training batches of a pipeline that starts at any batch (`make(start_batch)`):
+    its state is the number of batches it gave, a few bytes per checkpoint."""
+
+    def __init__(self, make, first=None):
+        self._make, self._iter, self.position = make, None if first is None else iter(first), 0
+
+    def get_next(self):
+        if self._iter is None:
+            self._iter = iter(self._make(self.position))
+        batch = self._iter.get_next()
+        self.position += 1
+        return batch
+
+    def seek(self, position: int) -> None:
+        self._iter, self.position = None, int(position)
+
+
+_POSITION = "position.json"
+
+
+def save_data_state(workdir: str, step: int, iterator, state_bytes: int | None = None,
+                    last_bytes: int | None = None) -> int:
+    """Saves this host's input-pipeline state, atomically (temp folder, then rename): the
+    position of a PositionIterator, else TensorFlow's iterator state (which holds the shuffle
+    buffer). Returns its size in bytes. `state_bytes` (the model state saved next) and
+    `last_bytes` (the size of the previous pipeline state) go into a disk-full message."""
     folder = _data_folder(workdir)
     final = os.path.join(folder, f"step_{step}")
     tmp = f"{final}.tmp-{os.getpid()}"
     faults.watch("data_state.during", step, os.path.join(folder, "*.tmp-*", "*"))
     faults.point("data_state.before", step)
     shutil.rmtree(tmp, ignore_errors=True)
-    tf.train.Checkpoint(iterator=iterator).write(os.path.join(tmp, "pipeline"))
+    try:
+        faults.point("data_state.write", step)
+        if isinstance(iterator, PositionIterator):
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, _POSITION), "w") as f:
+                json.dump({"batches": iterator.position}, f)
+        else:
+            tf.train.Checkpoint(iterator=iterator).write(os.path.join(tmp, "pipeline"))
+    except Exception as e:
+        if _is_disk_full(e) or isinstance(e, tf.errors.ResourceExhaustedError):
+            _silence_for_exit()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _disk_full(folder, state_bytes, last_bytes) from None
+        raise
     faults.point("data_state.during", step)  # if the watcher has not struck yet
     faults.point("data_state.written", step)
     if os.path.isdir(final):  # a leftover of a run killed after this point: same content
         shutil.rmtree(final)
     os.replace(tmp, final)
+    return sum(os.path.getsize(os.path.join(final, n)) for n in os.listdir(final))
 
 
 def restore_data_state(workdir: str, step: int, iterator) -> bool:
-    prefix = os.path.join(_data_folder(workdir), f"step_{step}", "pipeline")
+    folder = os.path.join(_data_folder(workdir), f"step_{step}")
+    position = os.path.join(folder, _POSITION)
+    if isinstance(iterator, PositionIterator):
+        if not os.path.exists(position):
+            return False
+        with open(position) as f:
+            iterator.seek(json.load(f)["batches"])
+        return True
+    prefix = os.path.join(folder, "pipeline")
     if not os.path.exists(prefix + ".index"):
         return False
     tf.train.Checkpoint(iterator=iterator).read(prefix).assert_consumed()

@@ -204,9 +204,9 @@ def train_classifier(config, workdir: str, eval_folder: str = "eval") -> None:
     c = config.classifier
     manager, _ = checkpoints.managers(folder, config)
     abstract = abstract_state(config, replicated(mesh))
-    step = max(manager.all_steps(), default=None)
+    # Incomplete (a kill between Orbax's rename and the manifest) or damaged: an older one.
+    state, step = checkpoints.restore_newest_good(manager, abstract)
     if step is not None:
-        state = checkpoints.restore(manager, step, abstract)
         logging.info("Resumed the classifier from %s at step %d.",
                      checkpoints.step_dir(manager, step), step)
     else:
@@ -278,6 +278,8 @@ def _loop(config, folder, manager, state, batches, test, train_step, correct, wr
                 for name, value in scalars.items():
                     tf.summary.scalar(name, value, step=step)
         if step % c.snapshot_freq == 0 or step == c.n_iters:
+            if step in manager.all_steps():  # an incomplete one this run fell back from
+                manager.delete(step)
             checkpoints.save(manager, step, state, "classifier", step)
     if writer is not None:
         writer.flush()

@@ -76,8 +76,12 @@ def _wait_for_checkpoint(manager, ckpt, config, workdir):
     if limit < 0:
         limit = DEFAULT_WAIT_SECS if _training_alive(workdir) else 0.0
     waited, poll = 0.0, min(60.0, max(1.0, limit / 10))
-    while ckpt not in _steps_on_disk(manager):
+    # A checkpoint is complete once its manifest is written (just after Orbax's rename).
+    while not (ckpt in _steps_on_disk(manager)
+               and checkpoints.has_manifest(checkpoints.step_dir(manager, ckpt))):
         if waited >= limit or interrupted():
+            if ckpt in _steps_on_disk(manager):
+                return  # restoring it names what is missing
             existing = sorted(_steps_on_disk(manager))
             raise FileNotFoundError(
                 f"Checkpoint {ckpt} is not in {manager.directory} (existing: {existing}) and "

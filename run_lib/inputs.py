@@ -88,7 +88,8 @@ def masks(config, n: int, rng: np.random.Generator) -> np.ndarray:
     elif c.mask == "random":
         known = (rng.random((n, size, size, 1)) >= float(c.rate)).astype(np.float32)
     else:
-        files, _ = data_files.load_images(c.mask_path, size, 1)
+        # n + 1 at most: enough to tell a file of too many masks, never more.
+        files, _ = data_files.load_images(c.mask_path, size, 1, max_images=n + 1)
         if len(files) not in (1, n):
             raise datasets.DataError(
                 f"{c.mask_path}: holds {len(files)} masks; expected 1 (for every input) or one "
@@ -110,10 +111,9 @@ def read_images(config, num_channels: int | None = None) -> tuple[np.ndarray, li
     limit = int(c.num_inputs)
     if c.source in SPLITS:
         return _split_images(config, c.source, limit, channels)
-    images, names = data_files.load_images(c.source, config.data.image_size, channels)
-    if limit > 0:
-        images, names = images[:limit], names[:limit]
-    return images, names
+    # Only the images used are read (of an .npz, only their bytes).
+    return data_files.load_images(c.source, config.data.image_size, channels,
+                                  max_images=max(limit, 0))
 
 
 def _split_images(config, split: str, limit: int, channels: int):

@@ -5,7 +5,9 @@ Schedule (all steps are multiples of training.n_jitted_steps):
 - every eval_freq steps: the loss on one evaluation batch;
 - every snapshot_freq_for_preemption steps: the pipeline position, then a meta checkpoint;
 - every snapshot_freq steps and at the final step: a snapshot checkpoint_<k>,
-  k = ceil(step / snapshot_freq), and a sample grid samples/iter_<step>.
+  k = ceil(step / snapshot_freq), and a sample grid samples/iter_<step>. Snapshots are never
+  overwritten: where checkpoint_<k> holds another step (the final step of an earlier, shorter
+  run), the state goes to the next free number, and the log says so.
 A restarted run resumes from the newest good meta checkpoint and first writes any snapshot or
 sample grid of that step that a kill prevented, so every scheduled file exists in the end.
 """
@@ -50,6 +52,10 @@ class _Run:
     train_iter: object
     sample_fn: object
     writer: object
+    # The newest meta checkpoint known to be good: restored after verification, or saved by
+    # this run (None before either). Errors name it, never merely the newest folder on disk.
+    good_step: int | None = None
+    data_bytes: int | None = None  # the size of the newest input-pipeline state
 
     def log_scalar(self, name, value, step):
         if self.writer is not None:
@@ -58,25 +64,57 @@ class _Run:
 
     def save_meta(self, step, state):
         # Pipeline state first: a meta checkpoint is only ever paired with its own data.
-        checkpoints.save_data_state(self.workdir, step, self.train_iter)
-        if step in self.meta.all_steps():  # a damaged one this run fell back from
+        self.data_bytes = checkpoints.save_data_state(
+            self.workdir, step, self.train_iter, checkpoints.state_bytes(state), self.data_bytes)
+        if step in self.meta.all_steps():  # a damaged or incomplete one this run fell back from
             self.meta.delete(step)
-        checkpoints.save(self.meta, step, state, "meta", step)
+        checkpoints.save(self.meta, step, state, "meta", step, self.data_bytes)
+        self.good_step = step
         checkpoints.clean_data_states(self.workdir, self.meta.all_steps())
+
+    def newest_good(self) -> str:
+        if self.good_step is None:
+            return "no checkpoint has been written or verified yet"
+        return f"the last good state is step {self.good_step} in {self.meta.directory}"
+
+    def _held_step(self, k) -> int | None:
+        """The step checkpoint_<k> holds (None: no manifest; -1: an unreadable manifest)."""
+        try:
+            manifest = checkpoints.read_manifest(checkpoints.step_dir(self.snapshots, k))
+        except checkpoints.DamagedCheckpointError:
+            return -1
+        return None if manifest is None else manifest["train_step"]
+
+    def _snapshot_slot(self, step) -> tuple[int, bool]:
+        """(k, done): the checkpoint_<k> for the state of `step`, and whether it is written.
+
+        k = snapshot_index(step). Snapshots are never overwritten: if checkpoint_<k> holds
+        another step (the final step of an earlier, shorter run), the state goes to the next
+        free number (the same one again after a kill). A folder without its manifest is a save
+        that a kill interrupted: it is written again."""
+        steps = sorted(self.snapshots.all_steps())
+        k = snapshot_index(step, self.config.training.snapshot_freq)
+        held = {j: self._held_step(j) for j in steps if j >= k}
+        done = [j for j, s in held.items() if s == step]
+        if done:
+            return done[0], True
+        if held.get(k) is not None:
+            new = steps[-1] + (held[steps[-1]] is not None)
+            what = (f"holds step {held[k]} (the end of an earlier run)" if held[k] >= 0
+                    else "has a damaged manifest")
+            logging.info("checkpoint_%d %s and is kept; step %d is saved as checkpoint_%d.", k,
+                         what, step, new)
+            k = new
+        if k in steps:
+            logging.warning("%s has no %s (a save that a kill interrupted); writing it again.",
+                            checkpoints.step_dir(self.snapshots, k), checkpoints.MANIFEST)
+            self.snapshots.delete(k)
+        return k, False
 
     def save_snapshot(self, step, state):
         """checkpoint_<k> and the sample grid of `step`, each unless it already exists."""
-        k = snapshot_index(step, self.config.training.snapshot_freq)
-        if k in self.snapshots.all_steps():
-            folder = checkpoints.step_dir(self.snapshots, k)
-            manifest = checkpoints.read_manifest(folder)
-            if manifest is None:  # killed between Orbax's commit and the manifest
-                checkpoints.write_manifest(folder, step)
-            elif manifest["train_step"] != step:
-                logging.info("Replacing %s (step %d, the end of an earlier run) by step %d.",
-                             folder, manifest["train_step"], step)
-                self.snapshots.delete(k)
-        if k not in self.snapshots.all_steps():
+        k, done = self._snapshot_slot(step)
+        if not done:
             checkpoints.save(self.snapshots, k, state, "snapshot", step)
         grid = os.path.join(self.workdir, "samples", f"iter_{step}", "sample.png")
         if self.sample_fn is not None and not os.path.exists(grid):
@@ -91,10 +129,15 @@ def train(config, workdir: str) -> None:
     mesh = make_mesh()
     sde, model = build(config)
     snapshots, meta = checkpoints.managers(workdir, config)
-    train_ds, eval_ds, _ = datasets.get_dataset(
+    train_ds, eval_ds, source = datasets.get_dataset(
         config, uniform_dequantization=config.data.uniform_dequantization)
     train_iter, eval_iter = iter(train_ds), iter(eval_ds)
-    state = _initial_state(config, workdir, meta, train_iter, replicated(mesh))
+    if getattr(source, "seekable", False):  # its state is a batch count, not buffered images
+        train_iter = checkpoints.PositionIterator(
+            lambda start: datasets.get_dataset(
+                config, uniform_dequantization=config.data.uniform_dequantization,
+                start_batch=start)[0], first=train_ds)
+    state, good_step = _initial_state(config, workdir, meta, train_iter, replicated(mesh))
     runtime.release_host_memory()  # what initialization and restoring freed
     # Only now, with the checkpoint known to match, does the run record its config.
     files.save_config(config, workdir)
@@ -109,7 +152,7 @@ def train(config, workdir: str) -> None:
         sample_fn = get_sample_fn(config, sde, model, shape, mesh)
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) \
         if files.is_chief() else None
-    run = _Run(config, workdir, snapshots, meta, train_iter, sample_fn, writer)
+    run = _Run(config, workdir, snapshots, meta, train_iter, sample_fn, writer, good_step)
     step = int(state.step)
     if step > 0 and (step % tc.snapshot_freq == 0 or step >= tc.n_iters):
         run.save_snapshot(step, state)  # what a kill during the last save left unwritten
@@ -136,8 +179,7 @@ def _loop(run, state, train_step, eval_losses, eval_iter, stacked):
     throughput = logs.Throughput(step, total)
     while step < total:
         if interrupted():
-            raise Interrupted(f"Interrupted at step {step}; the newest checkpoint is step "
-                              f"{run.meta.latest_step()} in {run.meta.directory}. Run the same "
+            raise Interrupted(f"Interrupted at step {step}; {run.newest_good()}. Run the same "
                               "command again to resume.")
         batch = next_batch(run.train_iter)
         if step == first_step:
@@ -153,7 +195,7 @@ def _loop(run, state, train_step, eval_losses, eval_iter, stacked):
         save = snapshot or step % tc.snapshot_freq_for_preemption == 0
         log = step % tc.log_freq == 0 or at_end
         if log or save:
-            step_losses = _checked_losses(step_losses, step, run.meta)
+            step_losses = _checked_losses(step_losses, step, run)
         if log:
             rate, eta = throughput(step)
             # The mean over the jitted steps, as the reference logs it.
@@ -174,27 +216,27 @@ def _loop(run, state, train_step, eval_losses, eval_iter, stacked):
 
 
 def _initial_state(config, workdir, meta, train_iter, sharding):
-    """The newest good meta checkpoint (with its pipeline position), else a new state."""
+    """(state, step): the newest good meta checkpoint (with its pipeline position) and its
+    step, else a new state and None."""
     rng = jax.random.PRNGKey(config.seed)
     abstract = checkpoints.abstract_state(config, rng, sharding)
     state, step = checkpoints.restore_newest_good(meta, abstract)
     checkpoints.clean_data_states(workdir, meta.all_steps())
     if state is None:
-        return checkpoints.init_state(config, rng, sharding)
+        return checkpoints.init_state(config, rng, sharding), None
     if not checkpoints.restore_data_state(workdir, step, train_iter):
         logging.warning("No input-pipeline state for step %d: the data order restarts.", step)
     logging.info("Resumed from %s at step %d.", checkpoints.step_dir(meta, step), step)
-    return state
+    return state, step
 
 
-def _checked_losses(step_losses, step, meta) -> np.ndarray:
+def _checked_losses(step_losses, step, run) -> np.ndarray:
     """The losses on the host; a NaN in the parameters shows here, before any save."""
     step_losses = np.asarray(jax.device_get(step_losses))
     if not np.all(np.isfinite(step_losses)):
         raise FloatingPointError(
             f"Non-finite training loss {step_losses} at step {step}; stopping before any "
-            f"checkpoint is written. The last good state is in {meta.directory} (step "
-            f"{meta.latest_step()}).")
+            f"checkpoint is written; {run.newest_good()}.")
     return step_losses
 
 

@@ -116,10 +116,14 @@ def test_final_step_is_snapshotted_without_collision(data_dir, tmp_path):
     snapshots = os.path.join(workdir, "checkpoints")
     assert sorted(os.listdir(snapshots)) == ["checkpoint_1", "checkpoint_2"]
     assert int(restore_tree(os.path.join(snapshots, "checkpoint_2"))["step"]) == 6
-    # Training on to step 8 puts the state of step 8 in slot 2, replacing the end of run 1.
+    # Training on to step 8 keeps the end of run 1 (evaluated results of ckpt 2 stay true) and
+    # puts step 8 in the next free slot, saying so.
     proc = run(main_args("train", workdir, data_dir, "--config.training.n_iters=8", *common))
-    assert "Replacing" in proc.stderr and "step 6" in proc.stderr
-    assert int(restore_tree(os.path.join(snapshots, "checkpoint_2"))["step"]) == 8
+    assert ("checkpoint_2 holds step 6 (the end of an earlier run) and is kept; step 8 is saved "
+            "as checkpoint_3.") in proc.stderr
+    assert sorted(os.listdir(snapshots)) == ["checkpoint_1", "checkpoint_2", "checkpoint_3"]
+    assert int(restore_tree(os.path.join(snapshots, "checkpoint_2"))["step"]) == 6
+    assert int(restore_tree(os.path.join(snapshots, "checkpoint_3"))["step"]) == 8
 
 
 def test_mismatched_checkpoint_names_the_parameter_and_keeps_the_config(trained, data_dir,
