@@ -4,8 +4,9 @@
 `{'image': float32 in [0, 1], 'label': int32}`:
 
 * training mode (`evaluation=False`): images `[n_jitted_steps, local_batch, H, W, C]`, labels
-  `[n_jitted_steps, local_batch]`; both splits are shuffled (buffer 10000) and repeated forever;
-  random horizontal flips (when `config.data.random_flip`) only on the train split.
+  `[n_jitted_steps, local_batch]`; both splits are shuffled (tf.data sources: a buffer of
+  10000; array sources: a fresh permutation every epoch) and repeated forever; random
+  horizontal flips (when `config.data.random_flip`) only on the train split.
 * evaluation mode (`evaluation=True`): images `[local_batch, H, W, C]`, labels `[local_batch]`;
   one pass, in the stored order, never flipped, so that an evaluation can be resumed batch by
   batch. Evaluation uses `config.eval.batch_size`.
