@@ -369,11 +369,11 @@ def get_sde_dpm_solver_sampler(sde: sde_lib.SDE, shape: Sequence[int],
 
 def _unipc_weights(r, h: float, variant: str) -> tuple[float, np.ndarray]:
     """UniPC's B(h) and weights rho on the differences D_k = (m(r_k) - m_0) / r_k, k <= n
-    (Zhao et al. 2023, Alg. 2-3, data prediction): rho solves sum_k rho_k r_k^(j-1) =
-    j! h phi_{j+1}(-h) (-h) / B(h), j = 1..n, with phi_{j+1} the exponential integrator's
-    functions, so that -alpha_t B(h) sum_k rho_k D_k integrates the first n Taylor terms of
-    x0(lambda) exactly. With n = 1 the paper (and its code) takes rho = 1/2.
-    B(h) = -h ('bh1') or e^{-h} - 1 ('bh2')."""
+    (Zhao et al. 2023, Alg. 2-3, data prediction): rho solves
+    sum_k rho_k r_k^(j-1) = j! (-h) phi_{j+1}(-h) / B(h), j = 1..n, with the exponential
+    integrator's phi_k(z) = sum_i z^i / (i + k)!, so that -alpha_t B(h) sum_k rho_k D_k
+    integrates the first n Taylor terms of x0(lambda) exactly. With n = 1 the paper (and its
+    code, github wl-zhao/UniPC) takes rho = 1/2. B(h) = -h ('bh1') or e^{-h} - 1 ('bh2')."""
     hh = -h
     B = hh if variant == "bh1" else math.expm1(hh)
     n = len(r)
@@ -410,24 +410,25 @@ def unipc_coefficients(alpha, sigma, lam, order: int, variant: str = "bh2",
     for i, p in enumerate(_step_orders(M, order, lower_order_final)):
         h = lam[i + 1] - lam[i]
         r = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
-        # Both start from x_ = a_i x_i - alpha_{i+1} (e^{-h} - 1) m_i (order 1, DDIM).
-        B, rho_p = _unipc_weights(r, h, variant) if p > 1 else (0.0, np.zeros(0))
-        pred = np.zeros(order + 1)
+        # Both start from x_ = a_i x_i - alpha_{i+1} (e^{-h} - 1) m_i (order 1, DDIM); UniP-p
+        # adds - alpha_{i+1} B sum_k rho_k D_k, D_k = (m_{i-k} - m_i) / r_k.
+        B, rho = _unipc_weights(r, h, variant) if p > 1 else (0.0, np.zeros(0))
+        pred = np.zeros(order)
         pred[0] = -math.expm1(-h)
-        for k in range(1, p):  # - B rho_k (m_{i-k} - m_i) / r_k
-            pred[k] -= B * rho_p[k - 1] / r[k - 1]
-            pred[0] += B * rho_p[k - 1] / r[k - 1]
-        P[i] = alpha[i + 1] * pred[:order]
+        for k in range(1, p):
+            pred[k] -= B * rho[k - 1] / r[k - 1]
+            pred[0] += B * rho[k - 1] / r[k - 1]
+        P[i] = alpha[i + 1] * pred
         if i + 1 < M:
-            # UniC-p: the corrected x_{i+1} = x_ - alpha B (sum_k rho_k D_k + rho_p D_new)
-            # with D_new = m_{i+1} - m_i (r = 1); as a correction of the prediction, on
+            # UniC-p: x_{i+1} = x_ - alpha_{i+1} B (sum_k rho^c_k D_k + rho^c_p D_new) with
+            # D_new = m_{i+1} - m_i (r = 1); written as a correction of the prediction, on
             # [m_{i+1}, m_i, ..., m_{i+1-p}].
             B, rho_c = _unipc_weights(r + [1.0], h, variant)
             corr = np.zeros(order + 1)
             corr[0] -= B * rho_c[-1]
             corr[1] += B * rho_c[-1]
             for k in range(1, p):
-                w = B * (rho_c[k - 1] - (rho_p[k - 1] if p > 1 else 0.0)) / r[k - 1]
+                w = B * (rho_c[k - 1] - rho[k - 1]) / r[k - 1]
                 corr[k + 1] -= w
                 corr[1] += w
             C[i + 1] = alpha[i + 1] * corr
