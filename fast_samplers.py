@@ -1,9 +1,13 @@
-"""Few-step samplers for every SDE with a Gaussian marginal: DDIM, DPM-Solver++ and EDM's Heun.
+"""Few-step samplers for every SDE with a Gaussian marginal: DDIM, DPM-Solver++, EDM's Heun,
+UniPC, iPNDM and SDE-DPM-Solver++.
 
 Written after the paper: DDIM (Song, Meng & Ermon 2021), DPM-Solver++ multistep (Lu et al.
-2022, Algorithm 2 and the third-order multistep update of github LuChengTHU/dpm-solver) and
-the Heun sampler with the Karras rho schedule (Karras et al. 2022, Algorithms 1-2,
-github NVlabs/edm). Each is written once against the Gaussian marginal of the forward SDE,
+2022, Algorithm 2 and the third-order multistep update of github LuChengTHU/dpm-solver), its
+stochastic variant SDE-DPM-Solver++ (Lu et al. 2022), the Heun sampler with the Karras rho
+schedule (Karras et al. 2022, Algorithms 1-2, github NVlabs/edm), UniPC (Zhao et al. 2023,
+"UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models") and
+iPNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator").
+Each is written once against the Gaussian marginal of the forward SDE,
 
     x_t = alpha(t) x_0 + sigma(t) z,   lambda(t) = log(alpha(t) / sigma(t)),
 
@@ -23,6 +27,15 @@ reports its true number of score evaluations (NFE, a Python int):
 - 'heun' (`get_heun_sampler`): EDM's second-order Heun method on the rescaled ODE
   d(x / alpha) / d(sigma / alpha) = (x / alpha - x0_hat) / (sigma / alpha); 2 num_steps NFE;
   optional stochastic churn (Algorithm 2).
+- 'sde_dpm_solver' (`get_sde_dpm_solver_sampler`): SDE-DPM-Solver++ of order 1 (= DDIM with
+  eta = 1) or 2 (2M), stochastic; num_steps NFE.
+- 'unipc' (`get_unipc_sampler`): UniPC-p, p = 1-3, B(h) variant 'bh1' or 'bh2': the UniP
+  predictor and the UniC corrector (order p + 1), which reuses the next step's evaluation;
+  num_steps NFE.
+- 'ipndm' (`get_ipndm_sampler`): iPNDM, Adams-Bashforth of order 1-4 on the rescaled ODE
+  above in its noise prediction, with lower-order warm-up steps; num_steps NFE.
+The multistep samplers (DPM-Solver++, SDE-DPM-Solver++, UniPC) drop to order 1 at the last
+step and to at most 2 at the one before when run with fewer than LOWER_ORDER_FINAL_BELOW steps.
 `denoise=True` adds one NFE: the sample returned is x0_hat at eps (EDM's last step to
 noise level 0, DPM-Solver's `denoise_to_zero`).
 
@@ -50,9 +63,16 @@ import sde_lib
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 SCHEDULES = ("logsnr", "time_uniform", "time_quadratic", "karras")
-DEFAULT_SCHEDULES = {"ddim": "time_uniform", "dpm_solver": "logsnr", "heun": "karras"}
+DEFAULT_SCHEDULES = {"ddim": "time_uniform", "dpm_solver": "logsnr", "heun": "karras",
+                     "sde_dpm_solver": "logsnr", "unipc": "logsnr", "ipndm": "karras"}
+# The orders each multistep sampler has (`config.sampling.order`).
+ORDERS = {"dpm_solver": (1, 2, 3), "sde_dpm_solver": (1, 2), "unipc": (1, 2, 3),
+          "ipndm": (1, 2, 3, 4)}
+UNIPC_VARIANTS = ("bh1", "bh2")
 # DPM-Solver lowers the order of the final multistep updates for short runs, where they are
-# unstable (LuChengTHU/dpm-solver, `lower_order_final` with fewer than 10 steps).
+# unstable (LuChengTHU/dpm-solver, `lower_order_final` with fewer than 10 steps: the last step
+# is of order 1, the one before of order at most 2). The other multistep samplers here
+# (SDE-DPM-Solver++, UniPC) follow the same rule.
 LOWER_ORDER_FINAL_BELOW = 10
 
 
@@ -165,12 +185,28 @@ def _compile(shape, start, loop, finish, sde, inverse_scaler, stochastic: bool):
     return jax.jit(sample, static_argnums=1)
 
 
-def _multistep_sampler(sde, shape, inverse_scaler, t, a, c, noise, denoise):
-    """The loop DDIM and DPM-Solver++ share. For step i (t_i -> t_{i+1}), with the data
-    predictions m_i, m_{i-1}, m_{i-2} at the last three grid times,
-    x_{i+1} = a_i x_i + c_i0 m_i + c_i1 m_{i-1} + c_i2 m_{i-2} + noise_i z_i.
+def _check_order(method: str, order) -> int:
+    if isinstance(order, bool) or order not in ORDERS[method]:
+        raise ValueError(f"{method} order must be one of {list(ORDERS[method])}, got {order!r}.")
+    return int(order)
 
-    t [M + 1]; a, noise [M]; c [M, K] with K <= 3 past predictions used.
+
+def _step_orders(M: int, order: int, lower_order_final: bool) -> list[int]:
+    """The order of each of M multistep updates: what the history allows at the start
+    (1, 2, ...), and with fewer than LOWER_ORDER_FINAL_BELOW steps and `lower_order_final`,
+    at most M - i at step i (order 1 at the last step, at most 2 at the one before)."""
+    final = lower_order_final and M < LOWER_ORDER_FINAL_BELOW
+    return [min(order, i + 1, M - i) if final else min(order, i + 1) for i in range(M)]
+
+
+def _multistep_sampler(sde, shape, inverse_scaler, t, a, c, noise, denoise,
+                       history: str = "data"):
+    """The loop the multistep samplers share. For step i (t_i -> t_{i+1}), with the model's
+    predictions p_i, p_{i-1}, ... at the last K grid times,
+    x_{i+1} = a_i x_i + c_i0 p_i + c_i1 p_{i-1} + ... + noise_i z_i.
+
+    `history` 'data': p is the data prediction x0_hat; 'noise': the noise prediction
+    eps_hat = (x - alpha x0_hat) / sigma (iPNDM). t [M + 1]; a, noise [M]; c [M, K].
     """
     shape = tuple(int(s) for s in shape)
     alpha, sigma, _ = _coefficients(sde, t)
@@ -184,6 +220,8 @@ def _multistep_sampler(sde, shape, inverse_scaler, t, a, c, noise, denoise):
             x, past = carry
             i, (t_i, alpha_i, sigma_i, a_i, c_i, noise_i) = xs
             m = _data_prediction(score_fn, x, t_i, alpha_i, sigma_i)
+            if history == "noise":
+                m = (x - alpha_i * m) / sigma_i
             past = (m,) + past[:K - 1]
             x = a_i * x + sum(c_i[k] * past[k] for k in range(K))
             if stochastic:
@@ -247,10 +285,7 @@ def dpm_solver_coefficients(alpha, sigma, lam, order: int, lower_order_final: bo
     M = len(lam) - 1
     a = sigma[1:] / sigma[:-1]
     c = np.zeros((M, order))
-    for i in range(M):
-        k = min(order, i + 1)
-        if lower_order_final and M < LOWER_ORDER_FINAL_BELOW:
-            k = min(k, M - i)
+    for i, k in enumerate(_step_orders(M, order, lower_order_final)):
         h = lam[i + 1] - lam[i]
         phi1 = np.expm1(-h)  # exact integration of the linear part: e^{-h} - 1
         first = np.array([1.0, 0.0, 0.0])
@@ -286,6 +321,191 @@ def get_dpm_solver_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scale
     alpha, sigma, lam = _coefficients(sde, t)
     a, c = dpm_solver_coefficients(alpha, sigma, lam, int(order), lower_order_final)
     return _multistep_sampler(sde, shape, inverse_scaler, t, a, c, np.zeros_like(a), denoise)
+
+
+def sde_dpm_solver_coefficients(alpha, sigma, lam, order: int, lower_order_final: bool = True):
+    """SDE-DPM-Solver++ (Lu et al. 2022, the stochastic DPM-Solver++; 'sde-dpmsolver++' of
+    github huggingface/diffusers) as x_{i+1} = a_i x_i + sum_k c_ik m_{i-k} + noise_i z_i.
+
+    In lambda the reverse SDE with the data prediction x0 is linear in x; its exact solution
+    from s to t (h = lambda_t - lambda_s) is
+    x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t int_0^h 2 e^{-2 (h - u)} x0(lambda_s + u) du
+          + sigma_t sqrt(1 - e^{-2 h}) z.
+    Order 1 holds x0 constant over the step (DDIM with eta = 1); 2M adds the midpoint term
+    (1 - e^{-2 h}) D1 / 2 with D1 = (m_i - m_{i-1}) / r, r = (lambda_i - lambda_{i-1}) / h,
+    as DPM-Solver++(2M) does. Warm-up and final orders as `dpm_solver_coefficients`.
+    Returns (a [M], c [M, order], noise [M]).
+    """
+    order = _check_order("sde_dpm_solver", order)
+    M = len(lam) - 1
+    h = np.diff(lam)
+    gain = -np.expm1(-2.0 * h)  # 1 - e^{-2h}
+    a = sigma[1:] / sigma[:-1] * np.exp(-h)
+    c = np.zeros((M, order))
+    for i, k in enumerate(_step_orders(M, order, lower_order_final)):
+        coef = np.array([1.0, 0.0])
+        if k == 2:
+            r0 = (lam[i] - lam[i - 1]) / h[i]
+            coef = coef + np.array([1.0, -1.0]) / (2 * r0)
+        c[i] = alpha[i + 1] * gain[i] * coef[:order]
+    return a, c, sigma[1:] * np.sqrt(gain)
+
+
+def get_sde_dpm_solver_sampler(sde: sde_lib.SDE, shape: Sequence[int],
+                               inverse_scaler: Callable, num_steps: int, order: int = 2,
+                               schedule: str = "logsnr", denoise: bool = False,
+                               eps: float = 1e-3, rho: float = 7.0,
+                               lower_order_final: bool = True):
+    """SDE-DPM-Solver++(order; 2 = 2M), stochastic, `num_steps` steps of `schedule`.
+
+    Returns `sampler(rng, score_fn, z=None) -> (samples shaped `shape`, nfe)`; nfe =
+    num_steps + denoise. Needs an rng (it draws noise at every step).
+    """
+    t = time_grid(sde, num_steps, eps, schedule, rho)
+    alpha, sigma, lam = _coefficients(sde, t)
+    a, c, noise = sde_dpm_solver_coefficients(alpha, sigma, lam, order, lower_order_final)
+    return _multistep_sampler(sde, shape, inverse_scaler, t, a, c, noise, denoise)
+
+
+def _unipc_weights(r, h: float, variant: str) -> tuple[float, np.ndarray]:
+    """UniPC's B(h) and weights rho on the differences D_k = (m(r_k) - m_0) / r_k, k <= n
+    (Zhao et al. 2023, Alg. 2-3, data prediction): rho solves
+    sum_k rho_k r_k^(j-1) = j! (-h) phi_{j+1}(-h) / B(h), j = 1..n, with the exponential
+    integrator's phi_k(z) = sum_i z^i / (i + k)!, so that -alpha_t B(h) sum_k rho_k D_k
+    integrates the first n Taylor terms of x0(lambda) exactly. With n = 1 the paper (and its
+    code, github wl-zhao/UniPC) takes rho = 1/2. B(h) = -h ('bh1') or e^{-h} - 1 ('bh2')."""
+    hh = -h
+    B = hh if variant == "bh1" else math.expm1(hh)
+    n = len(r)
+    if n == 1:
+        return B, np.array([0.5])
+    b, phi, factorial = [], math.expm1(hh) / hh - 1.0, 1.0  # phi = hh phi_2(hh)
+    for j in range(1, n + 1):
+        b.append(phi * factorial / B)
+        factorial *= j + 1
+        phi = phi / hh - 1.0 / factorial  # hh phi_{j+2}(hh)
+    R = np.vander(np.asarray(r, np.float64), n, increasing=True).T  # R[j, k] = r_k^j
+    return B, np.linalg.solve(R, np.array(b))
+
+
+def unipc_coefficients(alpha, sigma, lam, order: int, variant: str = "bh2",
+                       lower_order_final: bool = True):
+    """UniPC (Zhao et al. 2023), data prediction, B(h) `variant`, predictor UniP-p and
+    corrector UniC-p with p = the step's order (warm-up and final orders as
+    `dpm_solver_coefficients`).
+
+    Step i predicts x~_{i+1} = a_i x_i + sum_k P_ik m_{i-k} (UniP-p, P [M, order]). The model
+    is then evaluated at x~_{i+1}, giving m_{i+1}, and UniC-p replaces the prediction by
+    x_{i+1} = x~_{i+1} + sum_k C_{i+1,k} m_{i+1-k} (C [M, order + 1], row 0 zero: the
+    corrector of step i runs at the start of step i + 1, reusing its model evaluation, so
+    the last step is not corrected and NFE = M). m_{i+1}, evaluated at the predicted point,
+    is the one kept in the history. Returns (a [M], P, C).
+    """
+    _check_order("unipc", order)
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(f"UniPC variant must be one of {list(UNIPC_VARIANTS)}, got {variant!r}.")
+    M = len(lam) - 1
+    a = sigma[1:] / sigma[:-1]
+    P, C = np.zeros((M, order)), np.zeros((M, order + 1))
+    for i, p in enumerate(_step_orders(M, order, lower_order_final)):
+        h = lam[i + 1] - lam[i]
+        r = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+        # Both start from x_ = a_i x_i - alpha_{i+1} (e^{-h} - 1) m_i (order 1, DDIM); UniP-p
+        # adds - alpha_{i+1} B sum_k rho_k D_k, D_k = (m_{i-k} - m_i) / r_k.
+        B, rho = _unipc_weights(r, h, variant) if p > 1 else (0.0, np.zeros(0))
+        pred = np.zeros(order)
+        pred[0] = -math.expm1(-h)
+        for k in range(1, p):
+            pred[k] -= B * rho[k - 1] / r[k - 1]
+            pred[0] += B * rho[k - 1] / r[k - 1]
+        P[i] = alpha[i + 1] * pred
+        if i + 1 < M:
+            # UniC-p: x_{i+1} = x_ - alpha_{i+1} B (sum_k rho^c_k D_k + rho^c_p D_new) with
+            # D_new = m_{i+1} - m_i (r = 1); written as a correction of the prediction, on
+            # [m_{i+1}, m_i, ..., m_{i+1-p}].
+            B, rho_c = _unipc_weights(r + [1.0], h, variant)
+            corr = np.zeros(order + 1)
+            corr[0] -= B * rho_c[-1]
+            corr[1] += B * rho_c[-1]
+            for k in range(1, p):
+                w = B * (rho_c[k - 1] - rho[k - 1]) / r[k - 1]
+                corr[k + 1] -= w
+                corr[1] += w
+            C[i + 1] = alpha[i + 1] * corr
+    return a, P, C
+
+
+def get_unipc_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Callable,
+                      num_steps: int, order: int = 2, variant: str = "bh2",
+                      schedule: str = "logsnr", denoise: bool = False, eps: float = 1e-3,
+                      rho: float = 7.0, lower_order_final: bool = True):
+    """UniPC-`order` with B(h) `variant` over `num_steps` steps of `schedule`: UniP predictor,
+    UniC corrector after every step but the last (see `unipc_coefficients`).
+
+    Returns `sampler(rng, score_fn, z=None) -> (samples shaped `shape`, nfe)`; nfe =
+    num_steps + denoise (the corrector reuses the next step's score evaluation).
+    """
+    t = time_grid(sde, num_steps, eps, schedule, rho)
+    alpha, sigma, lam = _coefficients(sde, t)
+    a, P, C = unipc_coefficients(alpha, sigma, lam, order, variant, lower_order_final)
+    # Correct, then predict: x_{i+1} = a_i (x~_i + sum_k C_ik m_{i-k}) + sum_k P_ik m_{i-k}.
+    c = a[:, None] * C
+    c[:, :order] += P
+    return _multistep_sampler(sde, shape, inverse_scaler, t, a, c, np.zeros_like(a), denoise)
+
+
+# Adams-Bashforth's weights for equal steps, newest first (iPNDM's).
+_ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def ipndm_coefficients(levels, order: int, variable_steps: bool = False):
+    """iPNDM's weights: y_{i+1} = y_i + sum_k w_ik eps_{i-k} on the probability-flow ODE
+    dy/ds = eps_hat in y = x / alpha and s = sigma / alpha (Zhang & Chen 2023, DEIS, the
+    improved PNDM: linear multistep with lower-order multistep warm-up steps instead of
+    PNDM's Runge-Kutta ones; the form of Karras et al. 2022 and github zju-pi/diff-sampler).
+
+    The fixed weights are Adams-Bashforth's for equal steps, w_ik = (s_{i+1} - s_i) AB_k, as
+    the published iPNDM uses them on any grid. `variable_steps` integrates the polynomial
+    through the last `order` points (s_{i-k}, eps_{i-k}) exactly over [s_i, s_{i+1}] (the
+    variable-step Adams-Bashforth, diff-sampler's 'ipndm_v'); both agree on equal steps.
+    levels: s [M + 1] decreasing. Returns w [M, order].
+    """
+    _check_order("ipndm", order)
+    levels = np.asarray(levels, np.float64)
+    M = len(levels) - 1
+    w = np.zeros((M, order))
+    nodes01, weights01 = np.polynomial.legendre.leggauss(4)  # exact up to degree 7
+    nodes01, weights01 = (nodes01 + 1) / 2, weights01 / 2
+    for i in range(M):
+        k = min(order, i + 1)
+        ds = levels[i + 1] - levels[i]
+        if not variable_steps:
+            w[i, :k] = ds * np.array(_ADAMS_BASHFORTH[k])
+            continue
+        u = (levels[i - np.arange(k)] - levels[i]) / ds  # the points, in steps from s_i
+        for j in range(k):
+            others = np.delete(u, j)
+            basis = np.prod((nodes01[:, None] - others) / (u[j] - others), axis=1)
+            w[i, j] = ds * np.dot(weights01, basis)
+    return w
+
+
+def get_ipndm_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Callable,
+                      num_steps: int, order: int = 4, schedule: str = "karras",
+                      rho: float = 7.0, denoise: bool = False, eps: float = 1e-3,
+                      variable_steps: bool = False):
+    """iPNDM of `order` (1-4) over `num_steps` steps of `schedule` (EDM's rho schedule by
+    default): one score evaluation per step, the noise predictions of the last steps reused
+    (see `ipndm_coefficients`). Returns `sampler(rng, score_fn, z=None) -> (samples shaped
+    `shape`, nfe)` with nfe = num_steps + denoise.
+    """
+    t = time_grid(sde, num_steps, eps, schedule, rho)
+    alpha, sigma, lam = _coefficients(sde, t)
+    w = ipndm_coefficients(np.exp(-lam), order, variable_steps)
+    # In x = alpha y: x_{i+1} = (alpha_{i+1} / alpha_i) x_i + alpha_{i+1} sum_k w_ik eps_{i-k}.
+    return _multistep_sampler(sde, shape, inverse_scaler, t, alpha[1:] / alpha[:-1],
+                              alpha[1:, None] * w, np.zeros(len(w)), denoise, history="noise")
 
 
 def heun_churn(levels, churn: float, s_tmin: float = 0.0, s_tmax: float = math.inf):
@@ -387,3 +607,31 @@ def _heun_from_config(config, sde, shape, inverse_scaler, eps):
     return get_heun_sampler(sde, shape, inverse_scaler, cfg.get("num_steps", 20),
                             churn=cfg.get("churn", 0.0), schedule=_schedule(cfg, "heun"),
                             rho=cfg.get("rho", 7.0), denoise=cfg.noise_removal, eps=eps)
+
+
+@sampling.register_sampler(name="sde_dpm_solver")
+def _sde_dpm_solver_from_config(config, sde, shape, inverse_scaler, eps):
+    cfg = config.sampling
+    return get_sde_dpm_solver_sampler(sde, shape, inverse_scaler, cfg.get("num_steps", 20),
+                                      order=cfg.get("order", 2),
+                                      schedule=_schedule(cfg, "sde_dpm_solver"),
+                                      denoise=cfg.noise_removal, eps=eps,
+                                      rho=cfg.get("rho", 7.0))
+
+
+@sampling.register_sampler(name="unipc")
+def _unipc_from_config(config, sde, shape, inverse_scaler, eps):
+    cfg = config.sampling
+    return get_unipc_sampler(sde, shape, inverse_scaler, cfg.get("num_steps", 20),
+                             order=cfg.get("order", 2), variant=cfg.get("unipc_variant", "bh2"),
+                             schedule=_schedule(cfg, "unipc"), denoise=cfg.noise_removal,
+                             eps=eps, rho=cfg.get("rho", 7.0))
+
+
+@sampling.register_sampler(name="ipndm")
+def _ipndm_from_config(config, sde, shape, inverse_scaler, eps):
+    cfg = config.sampling
+    return get_ipndm_sampler(sde, shape, inverse_scaler, cfg.get("num_steps", 20),
+                             order=cfg.get("order", 2), schedule=_schedule(cfg, "ipndm"),
+                             rho=cfg.get("rho", 7.0), denoise=cfg.noise_removal, eps=eps,
+                             variable_steps=cfg.get("ipndm_variable_steps", False))

@@ -464,8 +464,9 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
 
     'pc' reads config.sampling.{predictor, corrector, snr, n_steps_each, noise_removal,
     probability_flow}; 'ode' reads {noise_removal, ode_method, ode_rtol, ode_atol}; the
-    few-step samplers of `fast_samplers` ('ddim', 'dpm_solver', 'heun') read {num_steps,
-    schedule, rho, eta, order, churn, noise_removal}.
+    few-step samplers of `fast_samplers` ('ddim', 'dpm_solver', 'heun', 'sde_dpm_solver',
+    'unipc', 'ipndm') read {num_steps, schedule, rho, eta, order, churn, unipc_variant,
+    ipndm_variable_steps, noise_removal}.
     """
     return get_sampler(config.sampling.method.lower())(config, sde, tuple(shape), inverse_scaler,
                                                        eps)

@@ -2,7 +2,7 @@
 
     JAX_PLATFORMS=cpu python benchmarks/sampler_quality.py [WORKDIR] [--ckpt 2] \
         [--config configs/vp/fashion_mnist_ddpmpp_quickstart.py] [--num_samples 1000] \
-        [--nfes 5,10,20,50,100] [--samplers em,pc,ode,ddim,dpm_2m,dpm_3m,heun] \
+        [--nfes 5,10,20,50,100] [--samplers em,pc,ode,ddim,dpm_2m,dpm_3m,heun,unipc_bh1] \
         [--runs dpm_2m@20,em@500,...] --data_dir FASHION_MNIST_IDX_FOLDER
 
 WORKDIR is a trained workdir (default: workdir/quickstart, what the README's quickstart
@@ -20,9 +20,11 @@ It also prints the judge FID of `num_samples` real training images: the floor th
 sample size leaves. Samplers: 'em' (Euler-Maruyama, N = NFE), 'pc' (reverse diffusion +
 Langevin, N = NFE / 2), 'ode' (probability-flow ODE, dopri5, tolerances chosen per budget),
 'ddim', 'dpm_2m', 'dpm_3m' (DPM-Solver++ multistep, logSNR steps), 'heun' (EDM, Karras
-steps), and two stochastic variants 'ddim_eta1' (DDIM, eta = 1) and 'heun_churn' (EDM's
-Algorithm 2, S_churn = 40); plus the defaults 'em' at N = 500 (the quickstart's sampler) and
-'pc' at N = 500.
+steps), 'unipc_bh1', 'unipc_bh2' (UniPC-3 with B(h) = -h or e^{-h} - 1, logSNR steps),
+'ipndm' (iPNDM of order 4, Karras steps), 'ipndm_v' (its variable-step weights), and the
+stochastic 'ddim_eta1' (DDIM, eta = 1), 'heun_churn' (EDM's Algorithm 2, S_churn = 40) and
+'sde_dpm_2m' (SDE-DPM-Solver++ 2M, logSNR steps); plus the defaults 'em' at N = 500 (the
+quickstart's sampler) and 'pc' at N = 500.
 Writes the table to --out (.md), the raw figures (.json) and a plot (.png).
 """
 
@@ -48,12 +50,16 @@ from run_lib import checkpoints, steps  # noqa: E402
 from run_lib.devices import make_mesh, replicated  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLERS = ("em", "pc", "ode", "ddim", "dpm_2m", "dpm_3m", "heun", "ddim_eta1", "heun_churn")
+SAMPLERS = ("em", "pc", "ode", "ddim", "dpm_2m", "dpm_3m", "heun", "unipc_bh1", "unipc_bh2",
+            "ipndm", "ipndm_v", "ddim_eta1", "heun_churn", "sde_dpm_2m")
 LABELS = {"em": "Euler-Maruyama", "pc": "PC (reverse diffusion + Langevin)",
           "ode": "adaptive ODE (dopri5)", "ddim": "DDIM", "dpm_2m": "DPM-Solver++ 2M",
           "dpm_3m": "DPM-Solver++ 3M", "heun": "Heun (EDM)",
+          "unipc_bh1": "UniPC-3, B(h) = -h (bh1)", "unipc_bh2": "UniPC-3, B(h) = e^-h - 1 (bh2)",
+          "ipndm": "iPNDM (order 4)", "ipndm_v": "iPNDM, variable-step weights (order 4)",
           "ddim_eta1": "DDIM, eta = 1 (stochastic)",
-          "heun_churn": "Heun, churn 40 (EDM Alg. 2, stochastic)"}
+          "heun_churn": "Heun, churn 40 (EDM Alg. 2, stochastic)",
+          "sde_dpm_2m": "SDE-DPM-Solver++ 2M (stochastic)"}
 # Tolerances of the adaptive ODE for each NFE budget (dopri5 needs ~6 NFE per step; the
 # realized NFE is reported).
 # dopri5 cannot go below ~20 NFE (two steps of 6 evaluations plus the first and the denoising),
@@ -84,6 +90,13 @@ def sampler_settings(name: str, nfe: int, denoise: bool) -> dict:
         return {"method": "ddim", "num_steps": few, "eta": 0.0}
     if name in ("dpm_2m", "dpm_3m"):
         return {"method": "dpm_solver", "num_steps": few, "order": int(name[4])}
+    if name in ("unipc_bh1", "unipc_bh2"):
+        return {"method": "unipc", "num_steps": few, "order": 3, "unipc_variant": name[-3:]}
+    if name in ("ipndm", "ipndm_v"):
+        return {"method": "ipndm", "num_steps": few, "order": 4,
+                "ipndm_variable_steps": name == "ipndm_v"}
+    if name == "sde_dpm_2m":
+        return {"method": "sde_dpm_solver", "num_steps": few, "order": 2}
     if name == "ddim_eta1":
         return {"method": "ddim", "num_steps": few, "eta": 1.0}
     if name in ("heun", "heun_churn"):

@@ -63,7 +63,8 @@ def _training() -> ml_collections.ConfigDict:
 
 def _sampling() -> ml_collections.ConfigDict:
     sampling = ml_collections.ConfigDict()
-    sampling.method = "pc"  # 'pc' | 'ode' | 'ddim' | 'dpm_solver' | 'heun'
+    # 'pc' | 'ode' | 'ddim' | 'dpm_solver' | 'heun' | 'sde_dpm_solver' | 'unipc' | 'ipndm'
+    sampling.method = "pc"
     sampling.predictor = "reverse_diffusion"
     sampling.corrector = "langevin"
     sampling.n_steps_each = 1  # corrector steps per noise level
@@ -77,9 +78,13 @@ def _sampling() -> ml_collections.ConfigDict:
     sampling.num_steps = 20  # steps from T to eps: NFE = num_steps ('heun': 2 num_steps)
     sampling.schedule = "default"  # 'logsnr' | 'time_uniform' | 'time_quadratic' | 'karras'
     sampling.rho = 7.0  # exponent of the 'karras' schedule (EDM)
-    sampling.order = 2  # 'dpm_solver': 1, 2 (DPM-Solver++ 2M) or 3 (3M)
+    # Multistep order: 'dpm_solver' 1-3 (2 = DPM-Solver++ 2M), 'sde_dpm_solver' 1-2,
+    # 'unipc' 1-3 (UniPC-p, order p + 1 with its corrector), 'ipndm' 1-4 (the published is 4)
+    sampling.order = 2
     sampling.eta = 0.0  # 'ddim': 0 deterministic, 1 DDPM-like noise
     sampling.churn = 0.0  # 'heun': EDM's S_churn (0 = deterministic)
+    sampling.unipc_variant = "bh2"  # 'unipc': B(h) = e^{-h} - 1 ('bh2') or -h ('bh1')
+    sampling.ipndm_variable_steps = False  # 'ipndm': Adams-Bashforth weights for unequal steps
     return sampling
 
 

@@ -85,15 +85,22 @@ def _check_names(config, problems):
 
 
 def _check_few_step(sc, problems):
-    """Settings of the few-step samplers ('ddim', 'dpm_solver', 'heun')."""
+    """Settings of the few-step samplers (`fast_samplers.DEFAULT_SCHEDULES`: 'ddim',
+    'dpm_solver', 'heun', 'sde_dpm_solver', 'unipc', 'ipndm')."""
     problems.check(isinstance(sc.num_steps, int) and sc.num_steps >= 1,
                    f"config.sampling.num_steps={sc.num_steps!r} must be an integer >= 1")
     if sc.schedule != "default":
         problems.call("config.sampling.schedule", fast_samplers.check_schedule, sc.schedule)
     problems.check(sc.rho > 0, f"config.sampling.rho={sc.rho} must be > 0")
-    if sc.method == "dpm_solver":
-        problems.check(sc.order in (1, 2, 3),
-                       f"config.sampling.order={sc.order!r}; valid: [1, 2, 3]")
+    if sc.method in fast_samplers.ORDERS:  # the multistep samplers
+        orders = fast_samplers.ORDERS[sc.method]
+        problems.check(not isinstance(sc.order, bool) and sc.order in orders,
+                       f"config.sampling.order={sc.order!r}; valid: {list(orders)} for "
+                       f"method {sc.method!r}")
+    if sc.method == "unipc":
+        problems.check(sc.unipc_variant in fast_samplers.UNIPC_VARIANTS,
+                       f"config.sampling.unipc_variant={sc.unipc_variant!r}; valid: "
+                       f"{list(fast_samplers.UNIPC_VARIANTS)}")
     if sc.method == "ddim":
         problems.check(0 <= sc.eta <= 1, f"config.sampling.eta={sc.eta} must lie in [0, 1]")
     if sc.method == "heun":

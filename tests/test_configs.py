@@ -576,6 +576,8 @@ PROJECT_KEYS = {
     "sampling.order": 2,
     "sampling.eta": 0.0,
     "sampling.churn": 0.0,
+    "sampling.unipc_variant": "bh2",
+    "sampling.ipndm_variable_steps": False,
     "eval.bpd_num_repeats": 5,
     "eval.show_progress": True,
     "training.max_ckpts_to_keep": 0,

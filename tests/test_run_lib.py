@@ -245,6 +245,22 @@ def test_sharded_steps_agree_across_devices_and_processes():
                                    atol=1e-6)
 
 
+def test_multistep_sampler_orders_and_unipc_variant_are_validated():
+    config = tiny_test.get_config()
+    for method, bad, valid in (("unipc", 4, [1, 2, 3]), ("ipndm", 5, [1, 2, 3, 4]),
+                               ("sde_dpm_solver", 3, [1, 2])):
+        config.sampling.method, config.sampling.order = method, bad
+        with pytest.raises(run_lib.ConfigError) as err:
+            run_lib.validate_config(config, "eval")
+        assert f"config.sampling.order={bad}; valid: {valid} for method {method!r}" in str(
+            err.value)
+    config.sampling.method, config.sampling.order = "unipc", 3
+    config.sampling.unipc_variant = "bh3"
+    with pytest.raises(run_lib.ConfigError, match=r"config.sampling.unipc_variant='bh3'; "
+                                                  r"valid: \['bh1', 'bh2'\]"):
+        run_lib.validate_config(config, "eval")
+
+
 def test_few_step_sampler_settings_are_validated_then_sample_through_run_lib():
     config = tiny_test.get_config()
     config.sampling.method = "dpm_solver"
