@@ -59,8 +59,7 @@ import numpy as np
 
 import sampling
 import sde_lib
-
-ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+from sde_lib import ScoreFn
 
 SCHEDULES = ("logsnr", "time_uniform", "time_quadratic", "karras")
 DEFAULT_SCHEDULES = {"ddim": "time_uniform", "dpm_solver": "logsnr", "heun": "karras",
