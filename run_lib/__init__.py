@@ -28,6 +28,7 @@ from run_lib.checkpoints import DiskFullError, init_state
 from run_lib.checks import CheckpointError, ConfigError, UsageError, validate_config
 from run_lib.classifier import train_classifier
 from run_lib.controllable import colorize, conditional, inpaint
+from run_lib.data_statistics import data_stats
 from run_lib.devices import make_mesh, to_global
 from run_lib.evaluating import evaluate, fid_stats
 from run_lib.generate import likelihood_mode, sample
@@ -49,6 +50,7 @@ MODES = {
     "likelihood": likelihood_mode,
     "import": import_checkpoint,
     "export": export,
+    "data_stats": lambda config, workdir, eval_folder: data_stats(config, workdir),
 }
 
 # What main.py turns into one line: bad input (exit code 2), and runs that cannot go on (1).
