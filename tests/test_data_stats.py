@@ -58,17 +58,29 @@ def test_noise_scales_follow_technique_2(dim):
     assert overlap(n) >= 0.5 > overlap(n - 1)
 
 
-def test_langevin_step_reproduces_ncsnv2_cifar10():
-    # NCSNv2 CIFAR-10: sigma 0.01..50, 232 scales, 5 steps each, eps 6.2e-6 (snr 0.176).
-    gamma = (50 / 0.01) ** (1 / 231)
-    a = ds.langevin_step(gamma, 5)
-    assert a * 0.01 ** 2 == pytest.approx(6.2e-6, rel=0.01)
-    assert math.sqrt(a / 2) == pytest.approx(0.176, abs=5e-4)
+# NCSNv2's published settings (its configs; configs/presets.py here): data dimension, sigma_1, L,
+# steps per scale T, and the snr of its step size eps (snr = sqrt(eps / (2 sigma_L^2))).
+NCSNV2 = {"cifar10": (32 * 32 * 3, 50.0, 232, 5, 0.176),
+          "celeba": (64 * 64 * 3, 90.0, 500, 5, 0.128),
+          "bedroom": (128 * 128 * 3, 190.0, 1086, 3, 0.095)}
+
+
+@pytest.mark.parametrize("name", sorted(NCSNV2))
+def test_langevin_step_reproduces_ncsnv2(name):
+    dim, sigma_1, scales, steps, snr = NCSNV2[name]
+    gamma = (sigma_1 / 0.01) ** (1 / (scales - 1))
+    a = ds.langevin_step(gamma, steps)
+    assert math.sqrt(a / 2) == pytest.approx(snr, abs=1.5e-3)
+    if name == "cifar10":  # NCSNv2's step_lr 6.2e-6
+        assert a * 0.01 ** 2 == pytest.approx(6.2e-6, rel=0.01)
     # Eq. 4 evaluated directly is smallest there (it stays above 1 for gamma > 1).
     grid = np.linspace(0.001, 0.999, 999)
-    values = [(1 - g) ** 10 * (gamma ** 2 - 2 * g / (1 - (1 - g) ** 2)) + 2 * g / (1 - (1 - g) ** 2)
-              for g in grid]
-    assert min(values) >= ds.langevin_variance_ratio(a, gamma, 5) - 1e-12 > 1.0
+    c = 2 * grid / (1 - (1 - grid) ** 2)
+    values = (1 - grid) ** (2 * steps) * (gamma ** 2 - c) + c
+    assert values.min() >= ds.langevin_variance_ratio(a, gamma, steps) - 1e-12 > 1.0
+    # NCSNv2's L is a little larger than the overlap-1/2 count (its scales overlap ~0.57).
+    assert ds.num_noise_scales(sigma_1, 0.01, dim) < scales < 1.1 * ds.num_noise_scales(
+        sigma_1, 0.01, dim)
 
 
 def test_data_stats_through_main(tmp_path, data_dir):
