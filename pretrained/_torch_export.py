@@ -7,7 +7,8 @@ Keys: 'module.sigmas' (float64, the VE geometric levels of score_sde_pytorch's g
 of the reference's `all_modules` list, including those without parameters (the FIR resamplers
 of an output_skip / input_skip pyramid, and resamplers without a conv), which the network's
 construction in score_sde_pytorch's models/ncsnpp.py determines; `_has_params` retraces it.
-Leaf names and layouts: kernel -> weight ([kh, kw, in, out] -> [out, in, kh, kw]; Dense
+score_sde_pytorch's Combine calls its conv `Conv` (flax: `Conv_0`). Leaf names and layouts:
+kernel -> weight ([kh, kw, in, out] -> [out, in, kh, kw]; Dense
 [in, out] -> [out, in]); GroupNorm scale -> weight; the rest as they are.
 """
 
@@ -129,7 +130,8 @@ def state_dict(config, params) -> tuple[dict, list]:
     out, pairs = {}, []
     for path in sorted(flat, key=sort_key):
         leaf, value = _torch_leaf(path, flat[path])
-        key = ".".join(("module", "all_modules", str(index[path[0]]), *path[1:-1], leaf))
+        key = ".".join(("module", "all_modules", str(index[path[0]]),
+                        *_torch.torch_submodules(path[0], path[1:-1]), leaf))
         out[key] = np.ascontiguousarray(value)
         pairs.append((path, key))
     return out, pairs

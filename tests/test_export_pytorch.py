@@ -73,6 +73,24 @@ def test_export_then_import_gives_identical_parameters(tmp_path):
         pretrained.export_score_sde_pytorch(config, loaded.params, out)
 
 
+def test_output_and_input_skip_network_round_trips(tmp_path):
+    # The pyramid resamplers of output_skip / input_skip hold no parameters but take an index in
+    # all_modules; the input pyramid's Combine names its conv `Conv` (score_sde_pytorch
+    # models/layerspp.py). Checked once against the reference's own module construction.
+    folder = os.path.join(INTEROP, "a2_ve_ncsnpp_skip_continuous", "diffusers")
+    config = fixture_config(folder)
+    loaded = pretrained.load(folder, config)
+    out = pretrained.export_score_sde_pytorch(config, loaded.params, str(tmp_path / "a2.pth"),
+                                              loaded.params_ema, step=3)
+    keys = list(load_torch_checkpoint(out)["model"])
+    assert "module.all_modules.7.Conv.weight" in keys  # Combine_0, after index 6 (no params)
+    assert not any(k.startswith("module.all_modules.6.") for k in keys)
+    again = pretrained.load(out, config)
+    assert again.step == 3 and again.adam is None
+    assert_trees_equal(again.params, loaded.params)
+    assert_trees_equal(again.params_ema, loaded.params_ema)
+
+
 def test_export_refuses_networks_score_sde_pytorch_cannot_load(tmp_path):
     config = ncsnv2_cifar10.get_config()
     with pytest.raises(pretrained.PretrainedError, match="'ncsnpp'.*'ddpm'"):
