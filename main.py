@@ -30,7 +30,8 @@ plugins.install(FLAGS["config"])
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, samples, logs.")
 # The names of run_lib.MODES (listed here so that --help works without importing JAX).
 MODES = ["train", "eval", "fid_stats", "sample", "inpaint", "colorize", "train_classifier",
-         "conditional", "likelihood", "import", "export"]
+         "conditional", "likelihood", "import", "export", "data_stats", "encode", "decode",
+         "interpolate"]
 flags.DEFINE_enum("mode", None, MODES, "Running mode.")
 flags.DEFINE_string("eval_folder", "eval", "Folder (inside workdir) for evaluation outputs.")
 flags.mark_flags_as_required(["config", "workdir", "mode"])

@@ -24,6 +24,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.model = _model()
     config.optim = _optim()
     config.pretrained = _pretrained()
+    config.data_stats = _data_stats()
     config.seed = 42
     # Comma-separated Python files or module names imported before the config is validated
     # (a researcher's SDE, sampler, network, ...: docs/extending.md); recorded in the workdir's
@@ -125,7 +126,8 @@ def _sample() -> ml_collections.ConfigDict:
 
 
 def _controllable() -> ml_collections.ConfigDict:
-    """Inputs and masks of --mode=inpaint | colorize | likelihood; guidance of conditional."""
+    """Inputs and masks of --mode=inpaint | colorize | likelihood | encode | interpolate;
+    guidance of conditional; decode reads the latents.npz of --mode=encode from `source`."""
     controllable = ml_collections.ConfigDict()
     # 'test' | 'train' (dataset split), or a folder of PNG/JPEG images or an .npz file
     controllable.source = "test"
@@ -139,6 +141,9 @@ def _controllable() -> ml_collections.ConfigDict:
     controllable.samples_per_input = 1
     controllable.labels = "all"  # conditional: 'all' (classes in turn) or ids, e.g. '3' or '0,5,7'
     controllable.scale = 1.0  # classifier guidance scale; 1 = the conditional score of Eq. 14
+    # --mode=encode | decode | interpolate: latents are multiplied by this before decoding
+    controllable.temperature = 1.0
+    controllable.interpolation_steps = 8  # interpolate: images per pair, both ends included
     return controllable
 
 
@@ -240,5 +245,16 @@ def _pretrained() -> ml_collections.ConfigDict:
     # import: the checkpoint_<k> to write (0: k from the source's step); export: the one to
     # read (0: the newest).
     pretrained.ckpt = 0
-    pretrained.out = ""  # export: the diffusers folder to write ('' = <workdir>/diffusers)
+    # export: the diffusers folder or .pth file to write ('' = <workdir>/diffusers, or
+    # <workdir>/score_sde_pytorch/checkpoint_<k>.pth)
+    pretrained.out = ""
+    pretrained.format = "diffusers"  # export: 'diffusers' | 'score_sde_pytorch'
     return pretrained
+
+
+def _data_stats() -> ml_collections.ConfigDict:
+    """--mode=data_stats: NCSNv2's sigma_max, num_scales and snr for the data set."""
+    data_stats = ml_collections.ConfigDict()
+    # sigma_max is exact over this many training images, a lower bound beyond
+    data_stats.max_images = 10000
+    return data_stats

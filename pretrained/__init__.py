@@ -14,8 +14,11 @@ It returns `Pretrained(params, params_ema, model_state, step, format, adam)`, re
 `models.utils.get_model_fn` / `get_score_fn` with the model `create_model(config)` builds.
 `export_diffusers(config, params, out_dir)` writes the reverse: a folder that
 `diffusers.ScoreSdeVePipeline.from_pretrained` loads (VE NCSN++ with output/input skips only;
-anything else is refused naming what diffusers cannot express). Neither imports torch or
-diffusers.
+anything else is refused naming what diffusers cannot express).
+`export_score_sde_pytorch(config, params, path, ...)` writes a score_sde_pytorch
+`checkpoint_<k>.pth` (raw and EMA parameters, Adam's moments, step) that its
+`utils.restore_checkpoint` loads into its NCSN++ / DDPM++ / DDPM (`_torch_export`). None of
+these imports torch or diffusers.
 
 Every failure is a `PretrainedError` (a ValueError) with one line: an unreadable or hostile
 file, or a checkpoint that does not fit the config (naming the parameter, both shapes and the
@@ -37,7 +40,7 @@ import safetensors.numpy
 from flax import serialization
 
 from evaluation.pth import WeightFileError, load_torch_checkpoint
-from pretrained import _diffusers, _torch
+from pretrained import _diffusers, _pth_writer, _torch, _torch_export
 from pretrained._trees import (
     PretrainedError,
     count_text,
@@ -50,7 +53,8 @@ from pretrained._trees import (
     unflatten,
 )
 
-__all__ = ["Pretrained", "PretrainedError", "detect_format", "export_diffusers", "load"]
+__all__ = ["Pretrained", "PretrainedError", "detect_format", "export_diffusers",
+           "export_score_sde_pytorch", "load"]
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -303,3 +307,30 @@ def _write_json(path: str, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def export_score_sde_pytorch(config, params, path: str, params_ema=None, adam=None,
+                             step: int = 0) -> str:
+    """Writes a score_sde_pytorch checkpoint `.pth` at `path`; returns the path.
+
+    params / params_ema: trees for the network of `config` (params_ema None: params);
+    adam: None or (mu, nu, count) trees of Adam's moments. Refuses an existing `path` and a
+    network score_sde_pytorch does not have (only 'ncsnpp' and 'ddpm' export).
+    """
+    path = os.path.abspath(os.fspath(path))
+    _torch_export.check_exportable(config)
+    if os.path.exists(path):
+        raise PretrainedError(f"{path} exists; give a new file name (nothing was overwritten).")
+
+    def checked(tree, what):
+        return unflatten(match({k: np.asarray(v) for k, v in flatten(tree).items()}, config,
+                               what))
+
+    params = checked(params, "params")
+    params_ema = params if params_ema is None else checked(params_ema, "params_ema")
+    if adam is not None:
+        adam = (checked(adam[0], "Adam mu"), checked(adam[1], "Adam nu"), int(adam[2]))
+    obj = _torch_export.checkpoint(config, params, params_ema, adam, int(step))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _pth_writer.save(obj, path)
+    return path

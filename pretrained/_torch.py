@@ -53,6 +53,20 @@ def _strip_prefix(state_dict: dict) -> dict:
     return state_dict
 
 
+def torch_submodules(top: str, inner: tuple) -> tuple:
+    """score_sde_pytorch's names of the submodules `inner` of flax module `top`: its Combine
+    (layerspp.Combine, the input-skip pyramid's) names its 1x1 conv `Conv`, flax `Conv_0`."""
+    if top.startswith("Combine_") and inner[:1] == ("Conv_0",):
+        return ("Conv", *inner[1:])
+    return tuple(inner)
+
+
+def _flax_submodules(top: str, inner: list) -> list:
+    if top.startswith("Combine_") and inner[:1] == ["Conv"]:
+        return ["Conv_0", *inner[1:]]
+    return inner
+
+
 def _leaf(torch_name: str, module_path: tuple, want: dict):
     """(flax leaf name, layout function) for a PyTorch leaf inside flax `module_path`."""
     if torch_name == "weight":
@@ -103,7 +117,7 @@ def _try_convert(state_dict: dict, config, path: str):
         module = {}
         for key, inner in members:
             parts = inner.split(".")
-            module_path = (top, *parts[:-1])
+            module_path = (top, *_flax_submodules(top, parts[:-1]))
             leaf, layout = _leaf(parts[-1], module_path, want)
             flat[(*module_path, leaf)] = module[(*module_path, leaf)] = layout(state_dict[key])
             order.append(((*module_path, leaf), layout))

@@ -16,7 +16,9 @@ Workdir layout:
   samples/iter_<step>/sample.png   snapshot sample grid (and sample.npz)
   tensorboard/                     scalars
   <eval_folder>/                   evaluation outputs and summary.json
-  <mode>/ckpt_<k>/                 sample, inpaint, colorize, conditional, likelihood outputs
+  <mode>/ckpt_<k>/                 sample, inpaint, colorize, conditional, likelihood, encode,
+                                   decode, interpolate outputs
+  data_stats.json                  --mode=data_stats: sigma_max, num_scales, snr (NCSNv2)
   classifier/                      the noise-conditional classifier (--mode=train_classifier)
 """
 
@@ -28,10 +30,14 @@ from run_lib.checkpoints import DiskFullError, init_state
 from run_lib.checks import CheckpointError, ConfigError, UsageError, validate_config
 from run_lib.classifier import train_classifier
 from run_lib.controllable import colorize, conditional, inpaint
+from run_lib.data_statistics import data_stats
+from run_lib.decoding import decode
 from run_lib.devices import make_mesh, to_global
+from run_lib.encoding import encode
 from run_lib.evaluating import evaluate, fid_stats
 from run_lib.generate import likelihood_mode, sample
 from run_lib.interop import export, import_checkpoint
+from run_lib.interpolation import interpolate
 from run_lib.interrupt import Interrupted
 from run_lib.steps import build_step_fns, get_sample_fn
 from run_lib.training import train
@@ -49,6 +55,10 @@ MODES = {
     "likelihood": likelihood_mode,
     "import": import_checkpoint,
     "export": export,
+    "data_stats": lambda config, workdir, eval_folder: data_stats(config, workdir),
+    "encode": encode,
+    "decode": decode,
+    "interpolate": interpolate,
 }
 
 # What main.py turns into one line: bad input (exit code 2), and runs that cannot go on (1).

@@ -162,8 +162,10 @@ def _check_training(config, problems):
 
 
 # Modes that load a checkpoint and generate (run_lib.generate, run_lib.controllable).
-GENERATION_MODES = ("sample", "inpaint", "colorize", "conditional", "likelihood")
-_INPUT_MODES = ("inpaint", "colorize", "likelihood")  # read config.controllable.source
+GENERATION_MODES = ("sample", "inpaint", "colorize", "conditional", "likelihood", "encode",
+                    "decode", "interpolate")
+# read images from config.controllable.source
+_INPUT_MODES = ("inpaint", "colorize", "likelihood", "encode", "interpolate")
 _PC_MODES = ("inpaint", "colorize", "conditional")  # always the PC sampler of config.sampling
 
 
@@ -195,6 +197,9 @@ def _check_generation(config, mode, problems):
         problems.call(None, inputs.parse_labels, c.labels, config.classifier.num_classes)
         problems.check(math.isfinite(c.scale), f"config.controllable.scale={c.scale} must be "
                                                "finite")
+    if mode in ("decode", "interpolate"):
+        problems.check(math.isfinite(c.temperature) and c.temperature > 0,
+                       f"config.controllable.temperature={c.temperature} must be finite and > 0")
     if mode == "likelihood":
         problems.check(config.eval.bpd_num_repeats >= 1,
                        f"config.eval.bpd_num_repeats={config.eval.bpd_num_repeats} must be >= 1")

@@ -344,5 +344,6 @@ def test_demo_notebook_executes_on_the_tiny_checkpoint(workdir, data_dir, classi
     text = "".join(o.get("text", "") for o in outputs)
     assert "ncsnpp under vesde: checkpoint_2, step 12" in text
     assert "bits/dim over 4 test images" in text and "columns: T-shirt/top" in text
-    # PC, ODE, inpainting and class-conditional figures, inline.
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
+    assert "encode -> decode: PSNR" in text
+    # PC, ODE, inpainting, class-conditional and representations figures, inline.
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5

@@ -1,0 +1,189 @@
+"""--mode=data_stats: the noise schedule NCSNv2 recommends for a data set (Song & Ermon 2020,
+"Improved Techniques for Training Score-Based Generative Models", Sec. 3-4), the advice the
+reference's author gives for a custom data set (score_sde issue #2).
+
+- Technique 1: sigma_max = the largest Euclidean distance between two training images, in the
+  model's input space (after the data scaler). Exact over the first data_stats.max_images
+  images of the train split; when the split holds more, a lower bound (`exact: false`).
+- Technique 2: a geometric schedule from sigma_max to model.sigma_min whose ratio gamma makes
+  Phi(sqrt(2D)(gamma - 1) + 3 gamma) - Phi(sqrt(2D)(gamma - 1) - 3 gamma) = 1/2 (D = H W C);
+  num_scales = ceil(log(sigma_max / sigma_min) / log gamma) + 1 (ratios at most gamma).
+- Technique 4: for T = sampling.n_steps_each Langevin steps per noise scale, the step size
+  eps that brings Eq. 4's variance ratio closest to 1; the corrector's step 2 (snr sigma_i)^2
+  (sampling.AnnealedLangevinDynamics) equals NCSNv2's eps sigma_i^2 / sigma_L^2 for
+  snr = sqrt(eps / (2 sigma_L^2)).
+Writes <workdir>/data_stats.json and prints the --config overrides.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+import datasets
+import evaluation
+from run_lib import files, inputs
+from run_lib.checks import ConfigError, prepare
+
+OVERLAP = 0.5  # Technique 2's target overlap of consecutive noise scales
+TOP_K = 8  # candidate pairs per block pair, rechecked in exact integer arithmetic
+
+
+@jax.jit
+def _block_candidates(a, b, mean):
+    """Top-K approximate squared distances between rows of a [n, D] and b [m, D] (uint8)."""
+    # Centering first keeps the Gram trick's cancellation small; the winners are recomputed
+    # exactly on the host.
+    a = a.astype(jnp.float32) - mean
+    b = b.astype(jnp.float32) - mean
+    d2 = (jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :]
+          - 2.0 * jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST))
+    values, flat = jax.lax.top_k(d2.reshape(-1), min(TOP_K, d2.size))
+    return values, flat // d2.shape[1], flat % d2.shape[1]
+
+
+def max_pairwise_distance(images: np.ndarray, block: int | None = None):
+    """(largest distance, (i, j)) between two of images [N, ...] (uint8), in 8-bit units.
+
+    Blockwise on the device: each pair of row blocks proposes its TOP_K largest squared
+    distances (float32 Gram matrix of centered data), and the proposals are recomputed exactly
+    in int64 on the host.
+    """
+    flat = np.ascontiguousarray(images.reshape(len(images), -1))
+    n, dim = flat.shape
+    if n < 2:
+        return 0.0, (0, 0)
+    if block is None:  # about 64 MB per float32 block
+        block = int(np.clip(2 ** int(np.log2(max(16e6 / dim, 1))), 16, 1024))
+    block = min(block, n)
+    mean = jnp.asarray(flat.mean(axis=0, dtype=np.float64), jnp.float32)
+    # Pad by repeating rows: repeated images add no new distances, and one shape compiles once.
+    padded = np.concatenate([flat, np.repeat(flat[-1:], (-n) % block, axis=0)])
+    starts = range(0, len(padded), block)
+    best, pair = -1, (0, 0)
+    for s in starts:
+        a = jnp.asarray(padded[s:s + block])
+        for t in starts:
+            if t < s:
+                continue
+            _, rows, cols = jax.device_get(_block_candidates(a, jnp.asarray(padded[t:t + block]),
+                                                             mean))
+            for i, j in zip(rows + s, cols + t, strict=True):
+                i, j = min(int(i), n - 1), min(int(j), n - 1)
+                d2 = int(np.sum((flat[i].astype(np.int64) - flat[j]) ** 2))
+                if d2 > best:
+                    best, pair = d2, (i, j)
+    return math.sqrt(best), pair
+
+
+def _phi(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def scale_overlap(gamma: float, dim: int) -> float:
+    """Technique 2's Phi(sqrt(2D)(gamma - 1) + 3 gamma) - Phi(sqrt(2D)(gamma - 1) - 3 gamma)."""
+    c = math.sqrt(2.0 * dim) * (gamma - 1.0)
+    return _phi(c + 3.0 * gamma) - _phi(c - 3.0 * gamma)
+
+
+def noise_scale_ratio(dim: int, overlap: float = OVERLAP) -> float:
+    """The gamma > 1 at which scale_overlap(gamma, dim) = overlap (bisection; it decreases)."""
+    lo, hi = 1.0, 2.0
+    while scale_overlap(hi, dim) > overlap:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if scale_overlap(mid, dim) > overlap else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def num_noise_scales(sigma_max: float, sigma_min: float, dim: int,
+                     overlap: float = OVERLAP) -> int:
+    """Technique 2's number of scales L: the fewest with ratio <= gamma."""
+    gamma = noise_scale_ratio(dim, overlap)
+    return max(2, math.ceil(math.log(sigma_max / sigma_min) / math.log(gamma) - 1e-9) + 1)
+
+
+def langevin_variance_ratio(a: float, gamma: float, steps: int) -> float:
+    """NCSNv2 Eq. 4 with eps = a sigma_L^2: (1 - a)^{2T} (gamma^2 - 2/(2 - a)) + 2/(2 - a)."""
+    c = 2.0 / (2.0 - a)
+    return (1.0 - a) ** (2 * steps) * (gamma ** 2 - c) + c
+
+
+def langevin_step(gamma: float, steps: int) -> float:
+    """a = eps / sigma_L^2 in (0, 1) that brings Eq. 4 closest to 1 (grid, then refined)."""
+    grid = np.linspace(1e-6, 1.0 - 1e-6, 20001)
+    cost = np.abs([langevin_variance_ratio(a, gamma, steps) - 1.0 for a in grid])
+    k = int(np.argmin(cost))
+    fine = np.linspace(grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)], 2001)
+    return float(fine[np.argmin([abs(langevin_variance_ratio(a, gamma, steps) - 1.0)
+                                 for a in fine])])
+
+
+def _train_images(config, limit: int) -> np.ndarray:
+    """Up to `limit` uint8 images of the train split, in stored order, none dropped."""
+    c = copy.deepcopy(config)
+    c.controllable.source, c.controllable.num_inputs = "train", limit
+    # One image per host and batch, so no remainder is dropped.
+    c.eval.batch_size = jax.process_count()
+    return inputs.read_images(c)[0]
+
+
+def data_stats(config, workdir: str, eval_folder: str = "eval") -> dict:
+    """Computes the recommendations; writes <workdir>/data_stats.json and returns its dict."""
+    del eval_folder
+    config = prepare(config, "data_stats", workdir)
+    limit = int(config.data_stats.max_images)
+    if limit < 2:
+        raise ConfigError(f"config.data_stats.max_images={limit} must be >= 2")
+    files.check_workdir(workdir)
+    start = time.time()
+    images = _train_images(config, limit + 1)  # one more tells whether the split is larger
+    exact = len(images) <= limit
+    images = images[:limit]
+    dist8, pair = max_pairwise_distance(images)
+    scaler = datasets.get_data_scaler(config)
+    slope = float(np.abs(np.asarray(scaler(np.float32(1.0)) - scaler(np.float32(0.0)))))
+    sigma_max = dist8 / 255.0 * slope
+    sigma_min = float(config.model.sigma_min)
+    if not sigma_max > sigma_min:
+        raise datasets.DataError(f"The largest distance between training images of "
+                                 f"{config.data.dataset} is {sigma_max:g}, not above "
+                                 f"config.model.sigma_min={sigma_min:g}: are they all the same?")
+    dim = math.prod(images.shape[1:])
+    scales = num_noise_scales(sigma_max, sigma_min, dim)
+    gamma = (sigma_max / sigma_min) ** (1.0 / (scales - 1))
+    steps = max(int(config.sampling.n_steps_each), 1)
+    a = langevin_step(gamma, steps)
+    snr = math.sqrt(a / 2.0)
+    stats_path = evaluation.dataset_stats_path(config)
+    overrides = (f"--config.model.sigma_max={sigma_max:.6g} --config.model.num_scales={scales} "
+                 f"--config.sampling.snr={snr:.4g}")
+    result = {
+        "dataset": str(config.data.dataset), "num_images": len(images), "exact": exact,
+        "sigma_max": sigma_max, "sigma_max_pair": list(pair), "dim": dim,
+        "sigma_min": sigma_min, "num_scales": scales, "gamma": gamma,
+        "gamma_target": noise_scale_ratio(dim), "overlap": scale_overlap(gamma, dim),
+        "n_steps_each": steps, "langevin_step_size": a * sigma_min ** 2, "snr": snr,
+        "langevin_variance_ratio": langevin_variance_ratio(a, gamma, steps),
+        "fid_stats_path": stats_path, "fid_stats_exists": os.path.exists(stats_path),
+        "overrides": overrides, "seconds": time.time() - start}
+    if files.is_chief():
+        os.makedirs(workdir, exist_ok=True)
+        files.atomic_write_text(os.path.join(workdir, "data_stats.json"),
+                                json.dumps(result, indent=1))
+    bound = "" if exact else (f" (a lower bound: the first {len(images)} images of a larger "
+                              "split; raise config.data_stats.max_images)")
+    logging.info("sigma_max %.6g%s; %d noise scales; snr %.4g; FID statistics %s (%s).",
+                 sigma_max, bound, scales, snr, stats_path,
+                 "present" if result["fid_stats_exists"] else "absent: run --mode=fid_stats")
+    print(f"Use: {overrides}", flush=True)
+    return result
