@@ -702,7 +702,8 @@ _ARRAY_CHUNK = 256  # examples per read from an ArraySplit
 
 def _array_dataset(name: str, which: str, split, shuffle_seed: int | None) -> tf.data.Dataset:
     """This host's contiguous shard of an ArraySplit (or (images, labels) / images) as raw
-    examples, read in chunks; shuffled every pass when `shuffle_seed` is given."""
+    examples, read in chunks: one pass in order, or, given `shuffle_seed`, endless epochs each
+    in a fresh permutation."""
     if isinstance(split, np.ndarray):
         split = ArraySplit(split)
     elif isinstance(split, tuple):
@@ -737,9 +738,21 @@ def _array_dataset(name: str, which: str, split, shuffle_seed: int | None) -> tf
         y.set_shape([None])
         return {"image": x, "label": y}
 
-    ds = tf.data.Dataset.from_tensor_slices(index)
-    if shuffle_seed is not None:
-        ds = ds.shuffle(max(len(index), 1), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if shuffle_seed is None:
+        ds = tf.data.Dataset.from_tensor_slices(index)
+    else:
+        # Epoch e visits the examples in a permutation keyed by (seed, e), endlessly. Stateless,
+        # unlike shuffle(reshuffle_each_iteration=True), whose seed generator a checkpointed
+        # iterator does not bring into a new process: a resumed run reads the same batches.
+        index_t = tf.constant(index)
+
+        def epoch(e):
+            keys = tf.stack([tf.constant(shuffle_seed, tf.int64), e])
+            order = tf.argsort(tf.random.stateless_uniform([len(index)], seed=keys))
+            return tf.data.Dataset.from_tensor_slices(tf.gather(index_t, order))
+
+        ds = tf.data.Dataset.counter().flat_map(epoch) if len(index) else \
+            tf.data.Dataset.from_tensor_slices(index)
     return ds.batch(_ARRAY_CHUNK).map(read_chunk).unbatch()
 
 
