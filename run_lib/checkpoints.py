@@ -194,7 +194,7 @@ def save(manager, step: int, state, phase: str, train_step: int,
     # What the previous checkpoint takes on disk (Orbax adds metadata to the arrays' bytes).
     previous = max(manager.all_steps(), default=None)
     on_disk = _folder_bytes(step_dir(manager, previous)) if previous is not None else 0
-    with _library_noise_held() as noise:
+    with _HeldNoise() as noise:
         try:
             faults.point(f"{phase}.write", train_step)
             manager.save(step, args=ocp.args.StandardSave(state), force=True)
@@ -287,9 +287,6 @@ def _silence_for_exit() -> None:
     sys.excepthook = threading.excepthook = sys.unraisablehook = _ignore
     pylogging.disable(pylogging.CRITICAL)
     pylogging.raiseExceptions = False  # the log file is on the full disk too
-
-
-_library_noise_held = _HeldNoise
 
 
 def _is_disk_full(error) -> bool:
