@@ -506,6 +506,7 @@ EXPECTED = {
         "sampling.corrector": "none",
         "eval.batch_size": 64,
         "eval.num_samples": 64,
+        "eval.bpd_num_repeats": 1,
     },
     "tiny_test.py": {
         "data.dataset": "FashionMNIST",
@@ -707,6 +708,8 @@ CHANGED = {
         "ve/celebahq_256_ncsnpp_continuous.py", "ve/ncsnv2/bedroom.py", "vp/ddpm/bedroom.py",
         "vp/ddpm/church.py", "vp/ddpm/celebahq.py")},
     ("ve/ffhq_ncsnpp_continuous.py", "training.n_jitted_steps"): "2",
+    # --mode=likelihood on a 20-image folder in about a minute (issue 26, item 11).
+    ("vp/fashion_mnist_ddpmpp_quickstart.py", "eval.bpd_num_repeats"): "1",
     # Evaluation no longer waits 24 h on a workdir no training run writes to (-1: auto).
     **{(rel, "eval.ckpt_wait_secs"): "-1" for rel in SNAPSHOTS},
 }

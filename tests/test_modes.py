@@ -346,3 +346,7 @@ def test_demo_notebook_executes_on_the_tiny_checkpoint(workdir, data_dir, classi
     assert "bits/dim over 4 test images" in text and "columns: T-shirt/top" in text
     # PC, ODE, inpainting and class-conditional figures, inline.
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
+    # No false alarms: tqdm's missing-widgets warning, Orbax's read-only notes (issue 26).
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    for alarm in ("IProgress not found", "TqdmWarning", "read only", "read_only"):
+        assert alarm not in stderr, stderr[-2000:]
