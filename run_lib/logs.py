@@ -86,11 +86,13 @@ def install_filter(verbose: bool = False) -> None:
     global _verbose
     _verbose = verbose
     quiet_third_party(verbose)
-    handler = logging.get_absl_handler()
-    for existing in list(handler.filters):
-        if isinstance(existing, _ProjectOnly):
-            handler.removeFilter(existing)
-    handler.addFilter(_ProjectOnly(verbose))
+    # absl's own stderr handler, and absl's logger itself: in a notebook its records reach
+    # whatever handler the kernel configured, not absl's.
+    for target in (logging.get_absl_handler(), logging.get_absl_logger()):
+        for existing in list(target.filters):
+            if isinstance(existing, _ProjectOnly):
+                target.removeFilter(existing)
+        target.addFilter(_ProjectOnly(verbose))
 
 
 def progress(iterable, total, desc: str, enabled: bool = True):

@@ -86,6 +86,8 @@ def test_log_file_filters_like_the_terminal(tmp_path):
                     want = expected[name] or verbose
                     assert bool(handler.filter(record)) == want, (name, verbose)
                     assert bool(terminal.filter(record)) == want, (name, verbose)
+                    # The logger itself (a notebook's handlers are not absl's).
+                    assert bool(logging.get_absl_logger().filter(record)) == want, name
             finally:
                 logging.get_absl_logger().removeHandler(handler)
                 handler.close()
