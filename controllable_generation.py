@@ -41,29 +41,68 @@ def couple(y):
     return jnp.einsum("...j,ij->...i", y, _COLOR_BASIS)
 
 
-def _replacement_sampler(sde, predictor, corrector, inverse_scaler, snr, n_steps,
-                         probability_flow, denoise, eps, to_basis, from_basis):
+def _replacement_parts(sde, shape, predictor, corrector, inverse_scaler, snr, n_steps,
+                       probability_flow, denoise, eps, to_basis, from_basis):
     """PC sampling in which the known coordinates (in the basis `to_basis`) are re-imposed after
-    every update. Returns a jitted sample(rng, score_fn, data, mask): data and mask are given in
+    every update, as `sampling.LoopParts` with init(rng, data, mask): data and mask are given in
     that basis, mask is 1 where known."""
-    parts = sampling.get_pc_parts(sde, predictor, corrector, snr, n_steps, probability_flow)
+
+    def project(rng, x, x_mean, t, data, mask):
+        # Known coordinates <- a fresh sample of p_t(. | data) (App. I.2).
+        noisy, mean, _ = sde.perturb(data, t, jax.random.normal(rng, data.shape, data.dtype))
+        y, y_mean = to_basis(x), to_basis(x_mean)
+        return (from_basis(y * (1 - mask) + noisy * mask),
+                from_basis(y_mean * (1 - mask) + mean * mask))
+
+    def start(prior, data, mask):
+        return from_basis(data * mask + to_basis(prior) * (1 - mask))
+
+    return sampling.get_pc_loop_parts(sde, shape, predictor, corrector, inverse_scaler, snr,
+                                      n_steps, probability_flow, denoise, eps, project=project,
+                                      start=start)
+
+
+def _replacement_sampler(parts_of):
+    """A jitted sample(rng, score_fn, data, mask) of the LoopParts `parts_of(shape)`."""
 
     def sample(rng, score_fn, data, mask):
-        def project(rng, x, x_mean, t):
-            # Known coordinates <- a fresh sample of p_t(. | data) (App. I.2).
-            noisy, mean, _ = sde.perturb(data, t, jax.random.normal(rng, data.shape, data.dtype))
-            y, y_mean = to_basis(x), to_basis(x_mean)
-            return (from_basis(y * (1 - mask) + noisy * mask),
-                    from_basis(y_mean * (1 - mask) + mean * mask))
-
-        rng, prior_rng = jax.random.split(rng)
-        prior = to_basis(sde.prior_sampling(prior_rng, data.shape))
-        x = from_basis(data * mask + prior * (1 - mask))
-        x, x_mean = sampling.pc_loop(rng, x, sde, score_fn, *parts, snr, n_steps,
-                                     probability_flow, eps, project=project)
-        return inverse_scaler(x_mean if denoise else x)
+        return sampling.run_loop_parts(parts_of(data.shape), rng, score_fn, data, mask)
 
     return jax.jit(sample, static_argnums=1)
+
+
+def get_pc_inpainter_parts(sde: sde_lib.SDE, shape, predictor, corrector,
+                           inverse_scaler: Callable, snr: float, n_steps: int = 1,
+                           probability_flow: bool = False, denoise: bool = True,
+                           eps: float = 1e-5) -> sampling.LoopParts:
+    """`get_pc_inpainter`'s sampler as `sampling.LoopParts`: init(rng, data, mask) with data
+    [shape] in model space and mask like data (or broadcastable), 1 where known."""
+    parts = _replacement_parts(sde, shape, predictor, corrector, inverse_scaler, snr, n_steps,
+                               probability_flow, denoise, eps, lambda x: x, lambda y: y)
+
+    def init(rng, data, mask):
+        data = jnp.asarray(data)
+        return parts.init(rng, data, jnp.broadcast_to(mask, data.shape).astype(data.dtype))
+
+    return parts._replace(init=init)
+
+
+def get_pc_colorizer_parts(sde: sde_lib.SDE, shape, predictor, corrector,
+                           inverse_scaler: Callable, snr: float, n_steps: int = 1,
+                           probability_flow: bool = False, denoise: bool = True,
+                           eps: float = 1e-5) -> sampling.LoopParts:
+    """`get_pc_colorizer`'s sampler as `sampling.LoopParts`: init(rng, gray_scale_img)."""
+    shape = tuple(shape[:-1]) + (3,)
+    parts = _replacement_parts(sde, shape, predictor, corrector, inverse_scaler, snr, n_steps,
+                               probability_flow, denoise, eps, decouple, couple)
+
+    def init(rng, gray_scale_img):
+        gray = jnp.asarray(gray_scale_img)
+        gray = jnp.broadcast_to(jnp.mean(gray, axis=-1, keepdims=True), gray.shape[:-1] + (3,))
+        mask = jnp.zeros_like(gray).at[..., 0].set(1.0)
+        return parts.init(rng, decouple(gray), mask)
+
+    return parts._replace(init=init)
 
 
 def get_pc_inpainter(sde: sde_lib.SDE, predictor, corrector, inverse_scaler: Callable,
@@ -73,13 +112,17 @@ def get_pc_inpainter(sde: sde_lib.SDE, predictor, corrector, inverse_scaler: Cal
 
     data: [B, ...] in model space; mask: like data (or broadcastable), 1 where known.
     predictor / corrector: registered names, classes, or None (meaning 'none').
+    In parts (progress between them): `get_pc_inpainter_parts`.
     """
-    compiled = _replacement_sampler(sde, predictor, corrector, inverse_scaler, snr, n_steps,
-                                    probability_flow, denoise, eps, lambda x: x, lambda y: y)
+    # Bad names and combinations fail here, not at the first call.
+    sampling.get_pc_parts(sde, predictor, corrector, snr, n_steps, probability_flow)
+    compiled = _replacement_sampler(lambda shape: get_pc_inpainter_parts(
+        sde, shape, predictor, corrector, inverse_scaler, snr, n_steps, probability_flow,
+        denoise, eps))
 
     def inpainter(rng, score_fn, data, mask):
         data = jnp.asarray(data)
-        return compiled(rng, score_fn, data, jnp.broadcast_to(mask, data.shape).astype(data.dtype))
+        return compiled(rng, score_fn, data, jnp.asarray(mask, data.dtype))
 
     return inpainter
 
@@ -90,15 +133,20 @@ def get_pc_colorizer(sde: sde_lib.SDE, predictor, corrector, inverse_scaler: Cal
     """Returns `colorizer(rng, score_fn, gray_scale_img) -> samples` [B, H, W, 3].
 
     gray_scale_img: [B, H, W, 3] in model space with equal channels (or [B, H, W, 1]).
+    In parts (progress between them): `get_pc_colorizer_parts`.
     """
-    compiled = _replacement_sampler(sde, predictor, corrector, inverse_scaler, snr, n_steps,
-                                    probability_flow, denoise, eps, decouple, couple)
+    sampling.get_pc_parts(sde, predictor, corrector, snr, n_steps, probability_flow)
+
+    def sample(rng, score_fn, gray_scale_img):
+        parts = get_pc_colorizer_parts(sde, gray_scale_img.shape, predictor, corrector,
+                                       inverse_scaler, snr, n_steps, probability_flow, denoise,
+                                       eps)
+        return sampling.run_loop_parts(parts, rng, score_fn, gray_scale_img)
+
+    compiled = jax.jit(sample, static_argnums=1)
 
     def colorizer(rng, score_fn, gray_scale_img):
-        gray = jnp.asarray(gray_scale_img)
-        gray = jnp.broadcast_to(jnp.mean(gray, axis=-1, keepdims=True), gray.shape[:-1] + (3,))
-        mask = jnp.zeros_like(gray).at[..., 0].set(1.0)
-        return compiled(rng, score_fn, decouple(gray), mask)
+        return compiled(rng, score_fn, jnp.asarray(gray_scale_img))
 
     return colorizer
 
@@ -133,6 +181,21 @@ def get_classifier_grad_fn(logit_fn):
     return grad_fn
 
 
+def get_conditional_score_fn(sde: sde_lib.SDE, score_fn, classifier, classifier_params, labels,
+                             scale: float = 1.0, image_mean=CIFAR10_MEAN,
+                             image_std=CIFAR10_STD):
+    """The conditional score of Eq. 14: score_fn(x, t) + scale * grad_x log p_t(labels | x),
+    the classifier seeing x and the noise scale std(t) (see `get_pc_conditional_sampler`)."""
+    grad_fn = get_classifier_grad_fn(get_logit_fn(classifier, classifier_params, image_mean,
+                                                  image_std))
+
+    def conditional_score(x, t):
+        noise_scale = sde.marginal_prob(jnp.zeros_like(x), t)[1]
+        return score_fn(x, t) + scale * grad_fn(x, noise_scale, labels)
+
+    return conditional_score
+
+
 def get_pc_conditional_sampler(sde: sde_lib.SDE, classifier, classifier_params, shape,
                                predictor, corrector, inverse_scaler: Callable, snr: float,
                                n_steps: int = 1, probability_flow: bool = False,
@@ -151,13 +214,8 @@ def get_pc_conditional_sampler(sde: sde_lib.SDE, classifier, classifier_params, 
                                    n_steps, probability_flow, denoise, eps)
 
     def sample(rng, score_fn, params, labels):
-        grad_fn = get_classifier_grad_fn(get_logit_fn(classifier, params, image_mean, image_std))
-
-        def conditional_score(x, t):
-            noise_scale = sde.marginal_prob(jnp.zeros_like(x), t)[1]
-            return score_fn(x, t) + scale * grad_fn(x, noise_scale, labels)
-
-        return base(rng, conditional_score)[0]
+        return base(rng, get_conditional_score_fn(sde, score_fn, classifier, params, labels,
+                                                  scale, image_mean, image_std))[0]
 
     # The classifier's parameters are an argument, not constants baked into the program.
     compiled = jax.jit(sample, static_argnums=1)

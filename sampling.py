@@ -23,6 +23,7 @@ import abc
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -267,7 +268,7 @@ def pc_nfe(sde: sde_lib.SDE, predictor_cls: type, corrector_cls: type, n_steps: 
 
 def pc_loop(rng, x, sde: sde_lib.SDE, score_fn: ScoreFn, predictor_cls: type,
             corrector_cls: type, snr: float, n_steps: int = 1, probability_flow: bool = False,
-            eps: float = 1e-3, project: Callable | None = None):
+            eps: float = 1e-3, project: Callable | None = None, steps=None, x_mean=None):
     """Algorithm 1 from x(T) = x down to t = eps: the loop every PC sampler shares.
 
     Args:
@@ -275,6 +276,10 @@ def pc_loop(rng, x, sde: sde_lib.SDE, score_fn: ScoreFn, predictor_cls: type,
       project: optional `project(rng, x, x_mean, t) -> (x, x_mean)` applied after every
         corrector and every predictor update; inverse problems use it to re-impose what is
         known (App. I.2).
+      steps: optional (start, stop): run only the loop's steps start..stop-1 of 0..N-1,
+        continuing from (x, x_mean) (ints, or traced int scalars so that one compiled program
+        runs every part). Step i draws its noise from fold_in(rng, i), so running the loop in
+        parts gives the same result as running it whole.
 
     Returns (x, x_mean) at eps: the last sample and its noise-free mean. Traceable; runs as one
     `lax.fori_loop`.
@@ -297,7 +302,71 @@ def pc_loop(rng, x, sde: sde_lib.SDE, score_fn: ScoreFn, predictor_cls: type,
             x, x_mean = project(jax.random.fold_in(predictor_rng, 1), x, x_mean, t)
         return x, x_mean
 
-    return jax.lax.fori_loop(0, sde.N, step, (x, x))
+    start, stop = (0, sde.N) if steps is None else steps
+    return jax.lax.fori_loop(start, stop, step, (x, x if x_mean is None else x_mean))
+
+
+class LoopParts(NamedTuple):
+    """A sampler whose main loop can run as several calls, so that a long batch can report
+    progress and stop between them.
+
+    init(rng, *inputs) -> carry (a pytree: the sample, its mean, the inputs it keeps);
+    advance(carry, score_fn, start, stop) -> carry runs the loop's steps start..stop-1 (ints or
+    traced int32 scalars: one compiled program serves every part); finish(carry) -> samples.
+    finish(advance(init(rng, ...), score_fn, 0, num_steps)) is the sampler's result, and any
+    split of 0..num_steps gives the same. nfe: score evaluations of the whole loop.
+    """
+
+    init: Callable
+    advance: Callable
+    finish: Callable
+    num_steps: int
+    nfe: int
+
+
+def run_loop_parts(parts: LoopParts, rng, score_fn: ScoreFn, *inputs):
+    """The whole sampler of `parts` in one call (traceable)."""
+    carry = parts.init(rng, *inputs)
+    return parts.finish(parts.advance(carry, score_fn, 0, parts.num_steps))
+
+
+def get_pc_loop_parts(sde: sde_lib.SDE, shape: Sequence[int], predictor, corrector,
+                      inverse_scaler: Callable, snr: float, n_steps: int = 1,
+                      probability_flow: bool = False, denoise: bool = True,
+                      eps: float = 1e-3, project: Callable | None = None,
+                      start: Callable | None = None) -> LoopParts:
+    """`get_pc_sampler`'s sampler as `LoopParts` (init(rng) starts from the prior).
+
+    project: see `pc_loop`; called as project(rng, x, x_mean, t, *kept) with the arrays `kept`
+    that init was given after rng (init(rng, *kept); the inverse problems keep their data and
+    mask there). start: optional start(prior sample, *kept) -> the sample at T.
+    """
+    shape = tuple(int(s) for s in shape)
+    predictor_cls, corrector_cls = get_pc_parts(sde, predictor, corrector, snr, n_steps,
+                                                probability_flow)
+
+    def init(rng, *kept):
+        rng, prior_rng = jax.random.split(rng)
+        x = sde.prior_sampling(prior_rng, shape)
+        if start is not None:
+            x = start(x, *kept)
+        return rng, x, x, kept
+
+    def advance(carry, score_fn, start, stop):
+        rng, x, x_mean, kept = carry
+        bound = None if project is None else (
+            lambda r, x, x_mean, t: project(r, x, x_mean, t, *kept))
+        x, x_mean = pc_loop(rng, x, sde, score_fn, predictor_cls, corrector_cls, snr, n_steps,
+                            probability_flow, eps, project=bound, steps=(start, stop),
+                            x_mean=x_mean)
+        return rng, x, x_mean, kept
+
+    def finish(carry):
+        _, x, x_mean, _ = carry
+        return inverse_scaler(x_mean if denoise else x)
+
+    return LoopParts(init, advance, finish, sde.N,
+                     pc_nfe(sde, predictor_cls, corrector_cls, n_steps))
 
 
 def get_pc_sampler(sde: sde_lib.SDE, shape: Sequence[int], predictor, corrector,
@@ -319,18 +388,14 @@ def get_pc_sampler(sde: sde_lib.SDE, shape: Sequence[int], predictor, corrector,
     Returns:
       `sampler(rng, score_fn) -> (samples shaped `shape`, nfe)` where nfe counts score
       evaluations actually made (`pc_nfe`; the reference reports N (n_steps + 1) regardless).
+      The same sampler in parts (progress between them): `get_pc_loop_parts`.
     """
-    shape = tuple(int(s) for s in shape)
-    predictor_cls, corrector_cls = get_pc_parts(sde, predictor, corrector, snr, n_steps,
-                                                probability_flow)
-    nfe = pc_nfe(sde, predictor_cls, corrector_cls, n_steps)
+    parts = get_pc_loop_parts(sde, shape, predictor, corrector, inverse_scaler, snr, n_steps,
+                              probability_flow, denoise, eps)
+    nfe = parts.nfe
 
     def sample(rng, score_fn):
-        rng, prior_rng = jax.random.split(rng)
-        x = sde.prior_sampling(prior_rng, shape)
-        x, x_mean = pc_loop(rng, x, sde, score_fn, predictor_cls, corrector_cls, snr, n_steps,
-                            probability_flow, eps)
-        return inverse_scaler(x_mean if denoise else x)
+        return run_loop_parts(parts, rng, score_fn)
 
     # score_fn is a static argument: one compiled program per score function object. Under an
     # outer jit the call inlines and a score_fn closing over traced parameters just works.

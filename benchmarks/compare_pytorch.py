@@ -24,7 +24,9 @@ script records the 1-minute load and the CPU share that other processes took dur
 timed calls: PyTorch's eager execution collapses on an oversubscribed CPU, so a comparison on
 a loaded machine is not valid. The script refuses to start above a 1-minute load of
 --max_load (default 1.0) unless --force is given, and marks figures taken while other
-processes used more than 10% of the CPU.
+processes used more than 10% of the CPU. The first and last lines name the machine (CPU model
+and vector extensions as lscpu / /proc/cpuinfo give them, core count) and the 1-minute load at
+the start and at the end: the ratios depend on the CPU (e.g. AVX-512 or AVX2 only).
 """
 
 from __future__ import annotations
@@ -48,6 +50,37 @@ REFERENCE_PARAMS = {"jax": 62_758_915, "score_sde_pytorch": 62_758_915,
 LABELS = {"jax": "this project", "score_sde_pytorch": "score_sde_pytorch",
           "diffusers": "diffusers"}
 MEASUREMENTS = ("forward", "train", "sample")
+
+
+# Vector extensions that decide how fast XLA's and PyTorch's CPU kernels run.
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "amx_tile")
+
+
+def machine_summary(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
+    """CPU model, vector extensions and logical CPU count of this machine (Linux's
+    /proc/cpuinfo, which lscpu reads; 'unknown' elsewhere)."""
+    model, flags = "unknown", set()
+    try:
+        with open(cpuinfo_path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = " ".join(value.split())
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    vector = [name for name in VECTOR_FLAGS if name in flags]
+    return {"cpu": model, "vector": vector, "cpus": os.cpu_count()}
+
+
+def machine_line(summary: dict) -> str:
+    vector = ", ".join(summary["vector"]) or "none of " + ", ".join(VECTOR_FLAGS[:3])
+    avx512 = "AVX-512" if any(v.startswith("avx512") for v in summary["vector"]) else \
+        "no AVX-512"
+    return f"machine: {summary['cpu']}, {summary['cpus']} CPUs, {avx512} ({vector})"
 
 
 def _config():
@@ -315,8 +348,10 @@ def main():
         _memory_child(peer, mode, args)
         return
     load = os.getloadavg()[0]
-    print(f"{os.cpu_count()} CPUs, 1-minute load {load:.2f}, torch threads {args.threads}, "
-          f"XLA default threads", flush=True)
+    machine = machine_summary()
+    print(machine_line(machine), flush=True)
+    print(f"{os.cpu_count()} CPUs, 1-minute load at the start {load:.2f}, torch threads "
+          f"{args.threads}, XLA default threads", flush=True)
     if load > args.max_load:
         msg = (f"1-minute load {load:.2f} > {args.max_load}: the machine is busy, and "
                "PyTorch's eager execution collapses on an oversubscribed CPU.")
@@ -348,8 +383,14 @@ def main():
     if cold is not None:
         print(f"\nPeak RSS of a train process of this project that compiles its programs "
               f"(compilation cache off): {cold[0] / 1e9:.2f} GB.")
+    end_load = os.getloadavg()[0]
     print(f"\n{args.repeats} interleaved rounds, medians; {time.time() - t0:.0f} s in all; "
-          f"1-minute load at the end {os.getloadavg()[0]:.2f}.")
+          f"1-minute load at the start {load:.2f}, at the end {end_load:.2f}.")
+    # One line that travels with the figures when they are copied elsewhere.
+    print(f"{machine_line(machine)}; 1-minute load {load:.2f} at the start, {end_load:.2f} at "
+          "the end")
+    print("RECORD " + json.dumps({**machine, "load_start": load, "load_end": end_load,
+                                  "seconds": round(time.time() - t0)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,19 +20,19 @@ import json
 import math
 import os
 
-import jax
 import numpy as np
 from absl import logging
 
 import controllable_generation as cg
 import datasets
+import sampling
 from evaluation import images_to_uint8
 from run_lib import files, inputs
 from run_lib.checks import prepare
 from run_lib.classifier import NORMALIZATIONS, load_classifier
 from run_lib.devices import gather
 from run_lib.generate import Run, padded, write_grid
-from run_lib.steps import get_score_fn
+from run_lib.steps import LoopProgram, get_score_fn
 
 # Rows of the comparison grid: enough to see, small enough to open.
 COMPARISON_ROWS = 16
@@ -45,34 +45,35 @@ def _pc_args(config, sde):
                 denoise=sc.noise_removal, eps=sde.sampling_eps)
 
 
-def _jit_on_mesh(run, fn):
-    return jax.jit(fn, out_shardings=run.sharding)
-
-
-def _replace_program(run, make):
-    """A jitted (rng, params, model_state, *inputs) -> images for a replacement sampler."""
+def _replace_program(run, make_parts, what):
+    """A LoopProgram (rng, batch, (params, model_state), inputs) -> images of a replacement
+    sampler's parts `make_parts(sde, shape, ...)`."""
     config, inverse_scaler = run.config, datasets.get_data_inverse_scaler(run.config)
-    sampler = make(run.sde, inverse_scaler=inverse_scaler, **_pc_args(config, run.sde))
+    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
 
-    def program(rng, params, model_state, *args):
-        score_fn = get_score_fn(config, run.sde, run.model, params, model_state, any_time=False)
-        return sampler(rng, score_fn, *args)
+    def parts_of(batch):
+        return make_parts(run.sde, (batch, *shape), inverse_scaler=inverse_scaler,
+                          **_pc_args(config, run.sde))
 
-    return _jit_on_mesh(run, program)
+    def score_of(params, model_state):
+        return get_score_fn(config, run.sde, run.model, params, model_state, any_time=False)
+
+    return LoopProgram(parts_of, score_of, run.mesh, what)
 
 
 def _per_input_batches(run, n_inputs, per_input, produce_batch, settings, desc):
-    """Runs produce_batch(i, idx [b] of input indices, real) over the inputs, each repeated
-    per_input times; returns its 'result' arrays in input-major order."""
+    """Runs produce_batch(i, idx [b] of input indices) over the inputs, each repeated
+    per_input times (the last batch only as large as needed); returns its 'result' arrays in
+    input-major order."""
     order = np.repeat(np.arange(n_inputs), per_input)
-    b = run.batch_size
+    b, sizes = run.batch_size, run.sizes(len(order))
 
     def produce(i):
-        idx, real = padded(order, i * b, b)
+        idx, real = padded(order, i * b, run.computed_size(sizes[i]))
         return {"result": produce_batch(i, idx)[:real]}
 
-    return run.run_batches(math.ceil(len(order) / b), produce, settings, desc,
-                           grid_key="result")["result"]
+    return run.run_batches(len(sizes), produce, settings, desc, grid_key="result",
+                           sizes=sizes)["result"]
 
 
 def _to_uint8(run, images, what):
@@ -106,13 +107,13 @@ def inpaint(config, workdir: str, eval_folder: str = "eval") -> str:
     images, names = inputs.read_images(config)
     known = inputs.masks(config, len(images), np.random.default_rng(config.seed))
     run = Run(config, workdir, "inpaint")
-    program = _replace_program(run, cg.get_pc_inpainter)
+    program = _replace_program(run, cg.get_pc_inpainter_parts, "the PC inpainter")
     scaler, per_input = datasets.get_data_scaler(config), int(c.samples_per_input)
 
     def produce_batch(i, idx):
         data = scaler(images[idx].astype(np.float32) / 255.0)
-        out = program(run.batch_key(i), run.state.params_ema, run.state.model_state,
-                      run.shard(data), run.shard(known[idx]))
+        out = program(run.batch_key(i), len(idx), (run.state.params_ema, run.state.model_state),
+                      (run.shard(data), run.shard(known[idx])))
         return _to_uint8(run, out, f"inpainting batch {i}")
 
     settings = run.settings(controllable=c.to_dict(), num_inputs=len(images))
@@ -141,13 +142,13 @@ def colorize(config, workdir: str, eval_folder: str = "eval") -> str:
     gray = np.repeat(np.round(images.astype(np.float32).mean(-1, keepdims=True)), 3,
                      axis=-1).astype(np.uint8)
     run = Run(config, workdir, "colorize")
-    program = _replace_program(run, cg.get_pc_colorizer)
+    program = _replace_program(run, cg.get_pc_colorizer_parts, "the PC colorizer")
     scaler, per_input = datasets.get_data_scaler(config), int(c.samples_per_input)
 
     def produce_batch(i, idx):
         data = scaler(gray[idx].astype(np.float32) / 255.0)
-        out = program(run.batch_key(i), run.state.params_ema, run.state.model_state,
-                      run.shard(data))
+        out = program(run.batch_key(i), len(idx), (run.state.params_ema, run.state.model_state),
+                      (run.shard(data),))
         return _to_uint8(run, out, f"colorization batch {i}")
 
     settings = run.settings(controllable=c.to_dict(), num_inputs=len(images))
@@ -176,19 +177,20 @@ def conditional(config, workdir: str, eval_folder: str = "eval") -> str:
     classifier, classifier_params, source = load_classifier(config, workdir, run.mesh)
     logging.info("Classifier: %s; guidance scale %g.", source, c.scale)
     program = _conditional_program(run, classifier)
-    b = run.batch_size
+    b, sizes = run.batch_size, run.sizes(n)
 
     def produce(i):
-        idx, real = padded(np.arange(n), i * b, b)
-        out = program(run.batch_key(i), run.state.params_ema, run.state.model_state,
-                      classifier_params, run.shard(labels[idx]))
+        idx, real = padded(np.arange(n), i * b, run.computed_size(sizes[i]))
+        out = program(run.batch_key(i), len(idx),
+                      (run.state.params_ema, run.state.model_state, classifier_params,
+                       run.shard(labels[idx])))
         return {"samples": _to_uint8(run, out, f"conditional batch {i}")[:real],
                 "labels": labels[idx][:real]}
 
     settings = run.settings(labels=c.labels, scale=float(c.scale), classifier=source,
                             classifier_config=config.classifier.to_dict())
-    out = run.run_batches(math.ceil(n / b), produce, settings, "conditional batches",
-                          grid_key="samples")
+    out = run.run_batches(len(sizes), produce, settings, "conditional batches",
+                          grid_key="samples", sizes=sizes)
     if files.is_chief():
         files.atomic_savez(os.path.join(run.folder, "samples.npz"), samples=out["samples"],
                            labels=out["labels"])
@@ -204,19 +206,24 @@ def conditional(config, workdir: str, eval_folder: str = "eval") -> str:
 
 
 def _conditional_program(run, classifier):
+    """A LoopProgram (rng, batch, (params, model_state, classifier_params, labels)) -> images:
+    the PC sampler of the conditional score (Eq. 14); the classifier's parameters are traced,
+    not baked in."""
     config, sde = run.config, run.sde
-    shape = (run.batch_size, config.data.image_size, config.data.image_size,
-             config.data.num_channels)
+    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     image_mean, image_std = NORMALIZATIONS[config.classifier.input_normalization]
     inverse_scaler = datasets.get_data_inverse_scaler(config)
+    pc = _pc_args(config, sde)
 
-    def program(rng, params, model_state, classifier_params, labels):
+    def parts_of(batch):
+        return sampling.get_pc_loop_parts(
+            sde, (batch, *shape), pc["predictor"], pc["corrector"], inverse_scaler, pc["snr"],
+            pc["n_steps"], pc["probability_flow"], pc["denoise"], pc["eps"])
+
+    def score_of(params, model_state, classifier_params, labels):
         score_fn = get_score_fn(config, sde, run.model, params, model_state, any_time=False)
-        # Built here so that the classifier's parameters are traced, not baked in.
-        sampler = cg.get_pc_conditional_sampler(
-            sde, classifier, classifier_params, shape, inverse_scaler=inverse_scaler,
-            scale=float(config.controllable.scale), image_mean=image_mean, image_std=image_std,
-            **_pc_args(config, sde))
-        return sampler(rng, score_fn, labels)
+        return cg.get_conditional_score_fn(sde, score_fn, classifier, classifier_params, labels,
+                                           float(config.controllable.scale), image_mean,
+                                           image_std)
 
-    return _jit_on_mesh(run, program)
+    return LoopProgram(parts_of, score_of, run.mesh, "the classifier-guided PC sampler")

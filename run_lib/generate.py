@@ -3,8 +3,11 @@ it loads, its output folder, and work done in batches that a rerun resumes.
 
 Every generating mode (sample, inpaint, colorize, conditional, likelihood) loads
 checkpoint_<config.sample.ckpt> of the workdir (0: the newest) and writes to config.sample.out
-('' = <workdir>/<mode>/ckpt_<k>). Work is split into batches of config.eval.batch_size, sharded
-over every device of every host; each finished batch is saved as <out>/batches/batch_<i>.npz
+('' = <workdir>/<mode>/ckpt_<k>; --mode=sample with a sampler other than the one the workdir's
+config.json records: <workdir>/sample/ckpt_<k>/<sampler tag>, e.g. dpm_solver_20_order2, so that
+samplers can be compared one run after another). Work is split into batches of
+config.eval.batch_size (the last one only as large as needed), sharded over every device of
+every host; each finished batch is saved as <out>/batches/batch_<i>.npz
 (with a PNG grid where it holds images), so a killed run resumes at its first missing batch, and
 the random key of batch i is fold_in(key, i), so resuming reproduces an uninterrupted run
 exactly. <out>/batches/settings.json records what the batches depend on; a rerun with other
@@ -16,7 +19,6 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import math
 import os
 
 import jax
@@ -67,9 +69,29 @@ class Run:
         return jax.random.fold_in(self.key, i)
 
     def run_batches(self, n_batches: int, produce, settings: dict, desc: str,
-                    grid_key: str | None = None) -> dict[str, np.ndarray]:
+                    grid_key: str | None = None, sizes=None) -> dict[str, np.ndarray]:
         return run_batches(self.folder, n_batches, produce, settings, desc,
-                           self.config.eval.show_progress, grid_key)
+                           self.config.eval.show_progress, grid_key, sizes)
+
+    def sizes(self, n: int) -> list[int]:
+        """Rows of each batch of n rows: full batches, then what is left."""
+        return batch_sizes(n, self.batch_size)
+
+    def computed_size(self, rows: int) -> int:
+        """The batch size computed for `rows` rows: rows rounded up to a multiple of the device
+        count (the batch is split evenly over devices)."""
+        return computed_size(rows)
+
+
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """Rows of each batch of n rows: full batches of batch_size, then what is left."""
+    return [min(batch_size, n - start) for start in range(0, n, batch_size)]
+
+
+def computed_size(rows: int) -> int:
+    """rows rounded up to a multiple of the global device count."""
+    d = jax.device_count()
+    return -(-rows // d) * d
 
 
 def load_checkpoint(config, workdir: str, mesh):
@@ -92,8 +114,51 @@ def load_checkpoint(config, workdir: str, mesh):
 def output_folder(config, workdir: str, mode: str, ckpt: int) -> str:
     out = config.sample.out
     if not out:
-        return os.path.join(workdir, mode, f"ckpt_{ckpt}")
+        folder = os.path.join(workdir, mode, f"ckpt_{ckpt}")
+        if mode == "sample" and not _is_workdir_sampler(config, workdir):
+            return os.path.join(folder, sampler_tag(config))
+        return folder
     return out if os.path.isabs(out) else os.path.join(workdir, out)
+
+
+def sampler_tag(config) -> str:
+    """A folder name for the sampler config.sampling names: its method and steps, and the
+    settings that most often differ between runs compared (e.g. euler_maruyama_none_500,
+    dpm_solver_19_order2, ode_dopri5)."""
+    sc = config.sampling
+    method = str(sc.method).lower()
+    if method == "pc":
+        tag = f"{sc.predictor}_{sc.corrector}_{config.model.num_scales}"
+        if str(sc.corrector).lower() != "none":
+            tag += f"_snr{sc.snr:g}_x{sc.n_steps_each}"
+        return tag + ("_pflow" if sc.probability_flow else "")
+    if method == "ode":
+        return f"ode_{sc.ode_method}_tol{sc.ode_rtol:g}"
+    if method in ("ddim", "dpm_solver", "heun"):
+        tag = f"{method}_{sc.num_steps}"
+        if method == "dpm_solver":
+            tag += f"_order{sc.order}"
+        if method == "ddim" and sc.eta:
+            tag += f"_eta{sc.eta:g}"
+        if method == "heun" and sc.churn:
+            tag += f"_churn{sc.churn:g}"
+        return tag
+    return method
+
+
+def _is_workdir_sampler(config, workdir: str) -> bool:
+    """Whether config.sampling (and the noise levels) are those of the workdir's config.json,
+    the run's own sampler (True where the workdir records no config)."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+        recorded_steps = recorded["model"]["num_scales"]
+        recorded = recorded["sampling"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    current = json.loads(config.sampling.to_json_best_effort())
+    return recorded == current and recorded_steps == config.model.num_scales
 
 
 def _check_settings(folder: str, settings: dict) -> None:
@@ -114,26 +179,41 @@ def _check_settings(folder: str, settings: dict) -> None:
 
 
 def run_batches(folder: str, n_batches: int, produce, settings: dict, desc: str,
-                show_progress: bool = True, grid_key: str | None = None):
+                show_progress: bool = True, grid_key: str | None = None, sizes=None):
     """Runs `produce(i) -> {name: array [b, ...]}` for every batch i not on disk yet, saving
     each as <folder>/batches/batch_<i>.npz (and .png of `grid_key`); returns the arrays of all
-    batches concatenated along the first axis."""
+    batches concatenated along the first axis.
+
+    sizes: the rows each batch must hold, where known; a batch on disk with another count (the
+    short last batch of a run that asked for fewer) is made again."""
     bdir = os.path.join(folder, "batches")
     _check_settings(bdir, settings)
     for leftover in glob.glob(os.path.join(bdir, "*.tmp-*")):
         os.remove(leftover)  # of a write killed before its rename
     paths = [os.path.join(bdir, f"batch_{i}.npz") for i in range(n_batches)]
-    done = sum(os.path.exists(p) for p in paths)
+
+    def finished(i):
+        if not os.path.exists(paths[i]):
+            return False
+        if sizes is None:
+            return True
+        with np.load(paths[i]) as batch:
+            return len(batch[batch.files[0]]) == sizes[i]
+
+    done = sum(finished(i) for i in range(n_batches))
     if done:
         logging.info("Resuming: %d of %d batches are already in %s.", done, n_batches, bdir)
+    resume = f"finished batches are in {bdir} and the same command resumes after them."
     for i in logs.progress(range(n_batches), n_batches, desc, show_progress):
-        if os.path.exists(paths[i]):
+        if finished(i):
             continue
         if interrupted():
-            raise Interrupted(f"Interrupted before batch {i} of {n_batches}; finished batches "
-                              f"are in {bdir} and the same command resumes after them.")
+            raise Interrupted(f"Interrupted before batch {i} of {n_batches}; {resume}")
         faults.point("generate.batch", i)
-        arrays = produce(i)
+        try:
+            arrays = produce(i)
+        except Interrupted as e:
+            raise Interrupted(f"{e} (batch {i} of {n_batches}); {resume}") from None
         if files.is_chief():
             if grid_key is not None:  # the grid first: a batch counts as done by its .npz
                 files.save_image_grid(arrays[grid_key], paths[i][:-4] + ".png")
@@ -167,19 +247,23 @@ def sample(config, workdir: str, eval_folder: str = "eval") -> str:
     del eval_folder
     config = prepare(config, "sample", workdir)
     run = Run(config, workdir, "sample")
-    b, n = run.batch_size, int(config.sample.num_samples)
-    shape = (b, config.data.image_size, config.data.image_size, config.data.num_channels)
-    sample_fn = get_sample_fn(config, run.sde, run.model, shape, run.mesh)
-    nfes = []
+    n = int(config.sample.num_samples)
+    sizes, sample_fns, nfes = run.sizes(n), {}, []
 
     def produce(i):
-        images, nfe = sample_fn(run.batch_key(i), run.state.params_ema, run.state.model_state)
+        size = run.computed_size(sizes[i])
+        if size not in sample_fns:  # a second program for a short last batch
+            shape = (size, config.data.image_size, config.data.image_size,
+                     config.data.num_channels)
+            sample_fns[size] = get_sample_fn(config, run.sde, run.model, shape, run.mesh)
+        images, nfe = sample_fns[size](run.batch_key(i), run.state.params_ema,
+                                       run.state.model_state)
         nfes.append(int(nfe))
-        images = files.checked_images(gather(images), f"samples of batch {i}")
+        images = files.checked_images(gather(images), f"samples of batch {i}")[:sizes[i]]
         return {"samples": images_to_uint8(images)}
 
-    out = run.run_batches(math.ceil(n / b), produce, run.settings(), "sampling batches",
-                          grid_key="samples")
+    out = run.run_batches(len(sizes), produce, run.settings(), "sampling batches",
+                          grid_key="samples", sizes=sizes)
     samples = out["samples"][:n]
     if files.is_chief():
         write_grid(run.folder, "samples", samples, config)
@@ -205,8 +289,9 @@ def _bpd_fn(config, run):
     if ode.is_host_method(sc.ode_method):
         return bpd_fn
     rep = replicated(run.mesh)
-    return jax.jit(bpd_fn, in_shardings=(rep, rep, rep, run.sharding),
-                   out_shardings=run.sharding)
+    return logs.CompiledOnFirstCall(
+        jax.jit(bpd_fn, in_shardings=(rep, rep, rep, run.sharding), out_shardings=run.sharding),
+        f"the probability-flow ODE of bits/dim ({sc.ode_method})")
 
 
 def likelihood_mode(config, workdir: str, eval_folder: str = "eval") -> dict:
@@ -223,12 +308,14 @@ def likelihood_mode(config, workdir: str, eval_folder: str = "eval") -> dict:
     run = Run(config, workdir, "likelihood")
     b, n, repeats = run.batch_size, len(images), int(config.eval.bpd_num_repeats)
     scaler, bpd_fn = datasets.get_data_scaler(config), _bpd_fn(config, run)
-    order = np.arange(n)
+    order, sizes = np.arange(n), run.sizes(n)
 
     def produce(i):
-        idx, real = padded(order, i * b, b)
+        idx, real = padded(order, i * b, run.computed_size(sizes[i]))
         values = []
         for r in range(repeats):
+            if r and interrupted():
+                raise Interrupted(f"Interrupted after {r} of {repeats} draws")
             noise_key, probe_key = jax.random.split(jax.random.fold_in(run.batch_key(i), r))
             # Uniform dequantization: (k + U) / 256 for the 8-bit value k.
             u = np.asarray(jax.random.uniform(noise_key, images[idx].shape))
@@ -239,7 +326,8 @@ def likelihood_mode(config, workdir: str, eval_folder: str = "eval") -> dict:
         return {"bpd": np.stack(values, axis=1)}  # [b, R]
 
     settings = run.settings(source=config.controllable.source, num_inputs=n, repeats=repeats)
-    per_repeat = run.run_batches(math.ceil(n / b), produce, settings, "bits/dim batches")["bpd"]
+    per_repeat = run.run_batches(len(sizes), produce, settings, "bits/dim batches",
+                                 sizes=sizes)["bpd"]
     bpd = per_repeat.mean(axis=1)
     mean = float(np.mean(bpd))
     stderr = float(np.std(bpd, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")

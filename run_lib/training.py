@@ -128,7 +128,7 @@ def train(config, workdir: str) -> None:
     files.check_workdir(workdir)
     mesh = make_mesh()
     sde, model = build(config)
-    snapshots, meta = checkpoints.managers(workdir, config)
+    # The data first: a data error stops the run before anything is written in the workdir.
     train_ds, eval_ds, source = datasets.get_dataset(
         config, uniform_dequantization=config.data.uniform_dequantization)
     train_iter, eval_iter = iter(train_ds), iter(eval_ds)
@@ -137,6 +137,7 @@ def train(config, workdir: str) -> None:
             lambda start: datasets.get_dataset(
                 config, uniform_dequantization=config.data.uniform_dequantization,
                 start_batch=start)[0], first=train_ds)
+    snapshots, meta = checkpoints.managers(workdir, config)
     state, good_step = _initial_state(config, workdir, meta, train_iter, replicated(mesh))
     runtime.release_host_memory()  # what initialization and restoring freed
     # Only now, with the checkpoint known to match, does the run record its config.
@@ -186,7 +187,9 @@ def _loop(run, state, train_step, eval_losses, eval_iter, stacked):
             # Compiled before its first call, so that the compiler's freed working memory goes
             # back to the OS before the step allocates its buffers (peak RSS of the CIFAR-10
             # NCSN++ train process at batch 8: 3.70 -> 3.28 GB).
-            train_step = train_step.lower(state, batch).compile()
+            with logs.compiling(f"the train step ({tc.n_jitted_steps} step(s) of batch "
+                                f"{tc.batch_size} per call)"):
+                train_step = train_step.lower(state, batch).compile()
             runtime.release_host_memory()
         state, step_losses = train_step(state, batch)
         step += tc.n_jitted_steps

@@ -511,6 +511,7 @@ EXPECTED = {
         "sampling.corrector": "none",
         "eval.batch_size": 64,
         "eval.num_samples": 64,
+        "eval.bpd_num_repeats": 1,
     },
     # The template for a folder of the user's images: CelebA's 64 px VE NCSN++ (continuous).
     "ve/folder_ncsnpp_continuous.py": {
@@ -743,6 +744,8 @@ CHANGED = {
         "ve/celebahq_256_ncsnpp_continuous.py", "ve/ncsnv2/bedroom.py", "vp/ddpm/bedroom.py",
         "vp/ddpm/church.py", "vp/ddpm/celebahq.py")},
     ("ve/ffhq_ncsnpp_continuous.py", "training.n_jitted_steps"): "2",
+    # --mode=likelihood on a 20-image folder in about a minute (issue 26, item 11).
+    ("vp/fashion_mnist_ddpmpp_quickstart.py", "eval.bpd_num_repeats"): "1",
     # Evaluation no longer waits 24 h on a workdir no training run writes to (-1: auto).
     **{(rel, "eval.ckpt_wait_secs"): "-1" for rel in SNAPSHOTS},
 }

@@ -347,3 +347,7 @@ def test_demo_notebook_executes_on_the_tiny_checkpoint(workdir, data_dir, classi
     assert "encode -> decode: PSNR" in text
     # PC, ODE, inpainting, class-conditional and representations figures, inline.
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 5
+    # No false alarms: tqdm's missing-widgets warning, Orbax's read-only notes (issue 26).
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    for alarm in ("IProgress not found", "TqdmWarning", "read only", "read_only"):
+        assert alarm not in stderr, stderr[-2000:]

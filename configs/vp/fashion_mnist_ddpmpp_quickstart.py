@@ -31,6 +31,9 @@ def get_config():
     evaluate.end_ckpt = 2
     evaluate.batch_size = 64
     evaluate.num_samples = 64
+    # One dequantization draw per image (the default's 5 multiply the ODE solves): bits/dim of a
+    # 20-image folder with --mode=likelihood in about a minute on 2 cores.
+    evaluate.bpd_num_repeats = 1
 
     model = config.model
     model.num_scales = 500
