@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
+import backend
 import controllable_generation as cg
 import datasets
 from evaluation import images_to_uint8
@@ -46,7 +47,7 @@ def _pc_args(config, sde):
 
 
 def _jit_on_mesh(run, fn):
-    return jax.jit(fn, out_shardings=run.sharding)
+    return jax.jit(backend.tuned(fn), out_shardings=run.sharding)
 
 
 def _replace_program(run, make):

@@ -6,6 +6,7 @@ import zlib
 
 import jax
 
+import backend
 import datasets
 import losses
 import ode
@@ -46,18 +47,19 @@ def build_step_fns(config, sde, model, optimizer, mesh):
     tc = config.training
     kwargs = dict(reduce_mean=tc.reduce_mean, continuous=tc.continuous,
                   likelihood_weighting=tc.likelihood_weighting)
-    train_step = None if optimizer is None else jax.jit(
+    # backend.jit: traced with the backend's formulations and compiled with its options.
+    train_step = None if optimizer is None else backend.jit(
         losses.get_step_fn(sde, model, True, optimizer, ema_rate=config.model.ema_rate,
-                           **kwargs),
-        in_shardings=(rep, batches), out_shardings=(rep, rep), donate_argnums=0,
-        compiler_options=mutils.compiler_options())
-    eval_step = losses.get_step_fn(sde, model, False, **kwargs)
+                           unroll=backend.unroll_steps(), **kwargs),
+        in_shardings=(rep, batches), out_shardings=(rep, rep), donate_argnums=0)
+    eval_step = losses.get_step_fn(sde, model, False, unroll=backend.unroll_steps(), **kwargs)
 
     def eval_losses(state, batch, index):
         state = state.replace(rng=jax.random.fold_in(state.rng, index))
         return eval_step(state, batch)[1]
 
-    eval_losses = jax.jit(eval_losses, in_shardings=(rep, batches, rep), out_shardings=rep)
+    eval_losses = jax.jit(backend.tuned(eval_losses), in_shardings=(rep, batches, rep),
+                          out_shardings=rep)
     return train_step, eval_losses
 
 
@@ -75,9 +77,8 @@ def get_sample_fn(config, sde, model, shape, mesh):
         return sampler(rng, get_score_fn(config, sde, model, params, model_state, any_time))
 
     if config.sampling.method == "ode" and ode.is_host_method(config.sampling.ode_method):
-        return sample
-    return jax.jit(sample, out_shardings=(batch_sharded(mesh), replicated(mesh)),
-                   compiler_options=mutils.compiler_options())
+        return backend.tuned(sample)
+    return backend.jit(sample, out_shardings=(batch_sharded(mesh), replicated(mesh)))
 
 
 def stream(key, name: str):
