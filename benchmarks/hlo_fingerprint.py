@@ -6,10 +6,11 @@ code leaves the program XLA runs unchanged.
 For each case (a config with small overrides) it builds the train step the way a run does
 (`run_lib.steps.build_step_fns` on the device mesh, so whatever the build layer switches on
 for this backend is included), lowers it on abstract inputs, compiles it and prints one line:
-hashes of the lowered module and of the optimized HLO (metadata stripped; and again with every
-instruction and computation name renumbered in order of appearance, so that renamed Python
-functions do not count) and the counts of the operations that the backend's formulations add
-or remove (convolutions, fusions, conditionals, custom calls, while loops).
+hashes of the lowered module (without debug information) and of the optimized HLO (debug
+information stripped; and again with every instruction and computation name renumbered in
+order of appearance: XLA names instructions after the Python scopes they were traced in, so a
+renamed module or method renames them) and the counts of the operations that the backend's
+formulations add or remove (convolutions, fusions, conditionals, custom calls, while loops).
 """
 
 from __future__ import annotations
@@ -60,8 +61,13 @@ def _load_config(path, overrides):
 
 
 def _strip(text: str) -> str:
+    """The HLO without debug information: each instruction's metadata (source lines, op names)
+    and the module's tables of file names, function names, locations and stack frames."""
     text = re.sub(r",?\s*metadata=\{[^}]*\}", "", text)
+    text = re.sub(r",?\s*stack_frame_id=\d+", "", text)
     text = re.sub(r"^HloModule [^\n]*", "HloModule", text)
+    text = re.sub(r"^(FileNames|FunctionNames|FileLocations|StackFrames)\n(?:(?!%|ENTRY).*\n)*",
+                  "", text, flags=re.MULTILINE)
     return text
 
 
