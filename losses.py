@@ -151,13 +151,14 @@ def ema_update(ema, new, rate: float):
 
 def get_step_fn(sde: SDE, model, train: bool, optimizer=None, reduce_mean: bool = False,
                 continuous: bool = True, likelihood_weighting: bool = False,
-                ema_rate: float = 0.999):
+                ema_rate: float = 0.999, unroll: bool = False):
     """Returns step_fn(state, batch) -> (state, losses) running one step per leading slice.
 
     `batch` is [n_steps, B, H, W, C]: the steps run sequentially inside one program (a
-    `lax.scan` on accelerators, unrolled on CPU), so n_jitted_steps steps cost one
-    dispatch. Each step's randomness is fold_in(state.rng, state.step), so a resumed run
-    repeats an uninterrupted one exactly.
+    `lax.scan`, or with `unroll` one copy of the step per slice: the build layer passes
+    `backend.unroll_steps()`, True on XLA:CPU), so n_jitted_steps steps cost one dispatch.
+    Each step's randomness is fold_in(state.rng, state.step), so a resumed run repeats an
+    uninterrupted one exactly.
     Training applies `optimizer` (an optax transformation) and updates the EMA of the
     parameters; evaluation computes the loss of `params_ema` and leaves the state unchanged.
     Means over the batch are global, also when the batch is sharded across devices.
@@ -182,11 +183,8 @@ def get_step_fn(sde: SDE, model, train: bool, optimizer=None, reduce_mean: bool 
         return state, loss
 
     def step_fn(state, batch):
-        if jax.default_backend() != "cpu":
+        if not unroll:
             return jax.lax.scan(one_step, state, batch)
-        # XLA:CPU runs a train step 10-15x slower inside a while loop than straight-line
-        # (3.9 s vs 0.25 s for the quickstart model at batch 16, forward passes alone are
-        # unaffected), so on CPU the steps are unrolled; a scan of length 1 is still a loop.
         step_losses = []
         for i in range(batch.shape[0]):
             state, loss = one_step(state, batch[i])

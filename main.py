@@ -117,11 +117,12 @@ def main(argv):
     _maybe_initialize_distributed()
     # Imported here, not at the top: run_lib pulls in TensorFlow and JAX (seconds), and flag
     # errors and --help should answer at once.
+    import backend
     import run_lib
 
-    # Before JAX starts its threads (at the first use of a device): freed memory serves the
-    # next allocations, so each train step reuses the pages of the previous step's buffers.
-    run_lib.runtime.reuse_freed_host_memory()
+    # Before JAX starts its threads (at the first use of a device): on XLA:CPU freed memory
+    # serves the next allocations, so each train step reuses the previous step's pages.
+    backend.configure_host_memory()
     # The project's INFO lines always show; other libraries' only with --verbosity=1.
     verbose = FLAGS.verbosity >= 1
     logging.set_verbosity(max(FLAGS.verbosity, logging.INFO))

@@ -99,6 +99,7 @@ def _jax_runners(args, modes):
     import jax_train
     import numpy as np
 
+    import backend
     import sampling
     import sde_lib
     from models import utils as mutils
@@ -122,15 +123,15 @@ def _jax_runners(args, modes):
     else:
         # Forward and sampling hold the parameters only, as the PyTorch peers' processes do
         # (no optimizer moments, no EMA copy).
-        model, _, params = mutils.init_model(jax.random.PRNGKey(0), config)
+        model, _, params = mutils.init_model(jax.random.PRNGKey(0), config,
+                                             compiler_options=backend.compiler_options())
         jax_train.runtime.release_host_memory()
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     size, ch = config.data.image_size, config.data.num_channels
     if "forward" in modes:
         x = jnp.asarray(np.random.RandomState(0).rand(args.batch, size, size, ch), jnp.float32)
         labels = jnp.linspace(config.model.sigma_min, config.model.sigma_max, args.batch)
-        fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, labels, train=False),
-                      compiler_options=mutils.compiler_options())
+        fwd = backend.jit(lambda p, x: model.apply({"params": p}, x, labels, train=False))
         runners["forward"] = lambda: jax.block_until_ready(fwd(params, x))
     if "sample" in modes:
         sde = sde_lib.VESDE(config.model.sigma_min, config.model.sigma_max, N=args.n_steps)
@@ -145,7 +146,7 @@ def _jax_runners(args, modes):
                                            continuous=True)
             return sampler(key, score_fn)[0]
 
-        sample = jax.jit(sample, compiler_options=mutils.compiler_options())
+        sample = backend.jit(sample)
         key = jax.random.PRNGKey(0)
         runners["sample"] = lambda: jax.block_until_ready(sample(key, params))
     return runners, n_params

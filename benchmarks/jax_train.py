@@ -14,6 +14,7 @@ import os
 import jax
 import numpy as np
 
+import backend
 import losses
 import sde_lib
 from models import utils as mutils
@@ -33,7 +34,7 @@ def _load_run_lib_module(name):
 runtime = _load_run_lib_module("runtime")
 devices = _load_run_lib_module("devices")
 # As main.py does before JAX starts its threads: XLA's per-step temporaries reuse mapped pages.
-runtime.reuse_freed_host_memory()
+backend.configure_host_memory()
 
 
 def build(config, seed: int = 0):
@@ -51,11 +52,13 @@ def build(config, seed: int = 0):
                                  jax.random.PRNGKey(seed))
     jax.block_until_ready(state)
     runtime.release_host_memory()
-    step = jax.jit(losses.get_step_fn(sde, model, True, optimizer, reduce_mean=tc.reduce_mean,
-                                      continuous=tc.continuous,
-                                      likelihood_weighting=tc.likelihood_weighting,
-                                      ema_rate=config.model.ema_rate),
-                   donate_argnums=0, compiler_options=mutils.compiler_options())
+    # As run_lib/steps.py builds it: the backend's formulations, options and step loop.
+    step = backend.jit(losses.get_step_fn(sde, model, True, optimizer,
+                                          reduce_mean=tc.reduce_mean, continuous=tc.continuous,
+                                          likelihood_weighting=tc.likelihood_weighting,
+                                          ema_rate=config.model.ema_rate,
+                                          unroll=backend.unroll_steps()),
+                       donate_argnums=0)
     n, b = tc.n_jitted_steps, tc.batch_size
     size, ch = config.data.image_size, config.data.num_channels
     data = np.random.RandomState(seed).uniform(0, 1, (n, b, size, size, ch)).astype(np.float32)

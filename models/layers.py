@@ -20,8 +20,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from models import fastgrad, normalization
+from models import normalization
 from models import precision as precision_lib
 
 
@@ -86,7 +87,8 @@ def ddpm_conv1x1(x, out_planes: int, stride: int = 1, bias: bool = True, dilatio
     return nn.Conv(out_planes, kernel_size=(1, 1), strides=(stride, stride), padding="SAME",
                    use_bias=bias, kernel_dilation=(dilation, dilation),
                    kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
-                   conv_general_dilated=fastgrad.conv_fn(precision))(x)
+                   conv_general_dilated_cls=functools.partial(ConvProduct,
+                                                              precision=precision))(x)
 
 
 def ddpm_conv3x3(x, out_planes: int, stride: int = 1, bias: bool = True, dilation: int = 1,
@@ -98,15 +100,51 @@ def ddpm_conv3x3(x, out_planes: int, stride: int = 1, bias: bool = True, dilatio
     return nn.Conv(out_planes, kernel_size=(3, 3), strides=(stride, stride), padding="SAME",
                    use_bias=bias, kernel_dilation=(dilation, dilation),
                    kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
-                   conv_general_dilated=fastgrad.conv_fn(precision))(x)
+                   conv_general_dilated_cls=functools.partial(ConvProduct,
+                                                              precision=precision))(x)
 
 
 conv1x1 = ddpm_conv1x1
 conv3x3 = ddpm_conv3x3
 
 
+class ConvProduct(nn.Module):
+    """The product of `nn.Conv` (its `conv_general_dilated_cls`): `lax.conv_general_dilated`
+    with operands in `precision` (models.precision). No parameters; a module of its own so
+    that a backend can replace the formulation of its gradient (backend/cpu.py)."""
+
+    precision: str = "float32"
+
+    def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, **kwargs):
+        return precision_lib.conv_fn(self.precision)(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, **kwargs)
+
+
+class ChannelDense(nn.Module):
+    """x [..., C] @ w [C, D] + b [D] -> [..., D], products in `precision`: a per-pixel dense
+    layer over the channel axis (NIN, the attention projections). No parameters."""
+
+    precision: str = "float32"
+
+    def __call__(self, x, w, b):
+        return precision_lib.einsum("...c,cd->...d", x, w, self.precision) + b
+
+
+class ResidualSum(nn.Module):
+    """x + h, divided by sqrt(2) when `skip_rescale` (a sum of two unit-variance branches
+    keeps unit variance). No parameters."""
+
+    skip_rescale: bool = True
+
+    def __call__(self, x, h):
+        return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
+
+
 class Dropout(nn.Module):
-    """Inverted dropout (`fastgrad.dropout`); the identity when deterministic or rate 0."""
+    """Inverted dropout with drop probability exactly `rate` (as `flax.linen.Dropout`); the
+    identity when deterministic or rate 0."""
 
     rate: float
 
@@ -117,7 +155,14 @@ class Dropout(nn.Module):
                              "(config.model.dropout).")
         if deterministic or self.rate == 0.0:
             return x
-        return fastgrad.dropout(x, self.rate, self.make_rng("dropout"))
+        return self.drop(x)
+
+    def drop(self, x):
+        """x with each element zeroed with probability `rate`, the others divided by
+        1 - rate; one key from the 'dropout' stream."""
+        keep_prob = 1.0 - self.rate
+        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, x.shape)
+        return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,8 +196,7 @@ class NIN(nn.Module):
     """Network-in-network: a per-pixel dense layer over the channel axis.
 
     Parameters W [C_in, num_units] (default_init(init_scale)) and b [num_units] (zeros).
-    The product runs in `precision` with a gradient XLA:CPU computes faster
-    (`fastgrad.channel_dense`).
+    The product (`ChannelDense`) runs in `precision`.
     """
 
     num_units: int
@@ -163,7 +207,7 @@ class NIN(nn.Module):
     def __call__(self, x):
         w = self.param("W", default_init(self.init_scale), (x.shape[-1], self.num_units))
         b = self.param("b", nn.initializers.zeros, (self.num_units,))
-        return fastgrad.channel_dense(x, w, b, self.precision)
+        return ChannelDense(self.precision)(x, w, b)
 
 
 def spatial_self_attention(q, k, v, precision: str = "float32"):

@@ -21,9 +21,8 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from models import fastgrad, layers, normalization, up_or_down_sampling
+from models import layers, normalization, up_or_down_sampling
 from models import precision as precision_lib
 
 conv1x1 = layers.ddpm_conv1x1
@@ -44,9 +43,9 @@ def _group_norm(x):
 
 
 def _residual_sum(x, h, skip_rescale: bool):
-    # Dividing by sqrt(2) keeps the variance of the sum of two unit-variance branches at one.
-    out = (x + h) / np.sqrt(2.0) if skip_rescale else x + h
-    return fastgrad.cotangent_barrier(out)
+    """x + h (divided by sqrt(2) when `skip_rescale`) as a `layers.ResidualSum`; called from
+    within a compact method."""
+    return layers.ResidualSum(skip_rescale)(x, h)
 
 
 class GaussianFourierProjection(nn.Module):

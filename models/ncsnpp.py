@@ -13,7 +13,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import fastgrad, layers, layerspp
+from models import layers, layerspp
 from models import precision as precision_lib
 from models.utils import register_model
 
@@ -26,18 +26,22 @@ _CHOICES = {
 }
 
 
+@functools.cache
+def _rematerialized(cls, static_argnums: tuple[int, ...]):
+    """nn.remat(cls), built once per class."""
+    return nn.remat(cls, static_argnums=static_argnums)
+
+
 def _block_factory(remat: bool):
     """block(cls)(**fields) builds `cls` under flax's default names (cls_0, cls_1, ...),
     rematerialized in the backward pass when `remat`: the forward pass then keeps only each
     block's inputs (which the skip connections keep anyway) and recomputes the block's
-    inside while differentiating it, with the plain gradient formulations (fastgrad's keep
-    more buffers alive). The parameter tree is the same either way."""
+    inside while differentiating it. The parameter tree is the same either way."""
     counters: dict[str, int] = {}
 
     def block(cls, static_argnums=()):
         # static_argnums count `self` as 0 (flax's convention).
-        lifted = _plain_gradients(nn.remat(cls, static_argnums=static_argnums)) if remat \
-            else cls
+        lifted = _rematerialized(cls, tuple(static_argnums)) if remat else cls
 
         def make(**fields):
             index = counters.get(cls.__name__, 0)
@@ -47,18 +51,6 @@ def _block_factory(remat: bool):
         return make
 
     return block
-
-
-def _plain_gradients(cls):
-    """`cls` whose calls trace under fastgrad.disabled()."""
-
-    class Plain(cls):
-        def __call__(self, *args, **kwargs):
-            with fastgrad.disabled():
-                return super().__call__(*args, **kwargs)
-
-    Plain.__name__ = Plain.__qualname__ = cls.__name__
-    return Plain
 
 
 @register_model(name="ncsnpp")

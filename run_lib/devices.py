@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.utils import compiler_options
+from backend import compiler_options
 
 # XLA options for programs that run once (initialization): optimizing them costs more
 # compile time than it saves (30 s -> 7 s to compile the tiny test model's init on CPU).

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 
+import backend
 import datasets
 import evaluation
 import likelihood
@@ -71,6 +72,7 @@ class BpdEvaluator:
             return likelihood_fn(key, score_fn, x)[0]
 
         self.sharding = batch_sharded(mesh)
+        bpd_fn = backend.tuned(bpd_fn)  # the backend's formulations, as steps.py's programs
         if not ode.is_host_method(method):
             rep = replicated(mesh)
             bpd_fn = jax.jit(bpd_fn, in_shardings=(rep, rep, rep, self.sharding),

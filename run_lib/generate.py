@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from absl import logging
 
+import backend
 import datasets
 import likelihood
 import ode
@@ -286,6 +287,7 @@ def _bpd_fn(config, run):
         score_fn = get_score_fn(config, run.sde, run.model, params, model_state, any_time=True)
         return likelihood_fn(key, score_fn, x)[0]
 
+    bpd_fn = backend.tuned(bpd_fn)  # the backend's formulations, as steps.py's programs
     if ode.is_host_method(sc.ode_method):
         return bpd_fn
     rep = replicated(run.mesh)

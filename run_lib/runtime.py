@@ -1,6 +1,6 @@
-"""Process-wide JAX setup of a run: the persistent compilation cache and glibc's handling of
-freed host memory (reused by the next step, returned to the OS after compiling). The CPU
-compiler options are `models.utils.compiler_options`.
+"""Process-wide JAX setup of a run: the persistent compilation cache. glibc's handling of freed
+host memory (`reuse_freed_host_memory`, `release_host_memory`, kept here by name) and the CPU
+compiler options live in the backend package (backend/host.py, `backend.compiler_options`).
 
 The persistent cache stores every compiled program that took at least a second to compile
 under `config.training.compile_cache_dir` (default `$SCORE_SDE_CACHE/xla`, else
@@ -12,10 +12,14 @@ variable, when set, takes precedence (as in JAX itself).
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 import jax
+
+from backend.host import release_host_memory, reuse_freed_host_memory
+
+__all__ = ["default_compile_cache_dir", "release_host_memory", "reuse_freed_host_memory",
+           "setup_compile_cache"]
 
 
 def default_compile_cache_dir() -> str:
@@ -43,33 +47,3 @@ def setup_compile_cache(cache_dir: str | None, min_compile_time_secs: float = 1.
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)
     return cache_dir
-
-
-def release_host_memory() -> None:
-    """Returns freed heap pages to the OS (glibc keeps them; XLA's compiler frees gigabytes)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-
-
-def reuse_freed_host_memory() -> bool:
-    """Makes freed memory serve the next allocations instead of going back to the OS at once.
-
-    XLA:CPU allocates a program's temporaries as one block per call (0.9 GB for the CIFAR-10
-    NCSN++ step at batch 8) on its own threads; glibc serves a block that large with a fresh
-    mmap and unmaps it when freed, so every step faults ~250,000 zeroed pages in again. With
-    one arena, no mmap for large blocks and no automatic trimming, the block is reused from
-    the heap; memory goes back to the OS at `release_host_memory()`. Call before JAX starts
-    its threads. Returns whether glibc accepted the settings.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return all(mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+import backend
 import datasets
 import losses
 import ode
@@ -59,18 +60,19 @@ def build_step_fns(config, sde, model, optimizer, mesh):
     tc = config.training
     kwargs = dict(reduce_mean=tc.reduce_mean, continuous=tc.continuous,
                   likelihood_weighting=tc.likelihood_weighting)
-    train_step = None if optimizer is None else jax.jit(
+    # backend.jit: traced with the backend's formulations and compiled with its options.
+    train_step = None if optimizer is None else backend.jit(
         losses.get_step_fn(sde, model, True, optimizer, ema_rate=config.model.ema_rate,
-                           **kwargs),
-        in_shardings=(rep, batches), out_shardings=(rep, rep), donate_argnums=0,
-        compiler_options=mutils.compiler_options())
-    eval_step = losses.get_step_fn(sde, model, False, **kwargs)
+                           unroll=backend.unroll_steps(), **kwargs),
+        in_shardings=(rep, batches), out_shardings=(rep, rep), donate_argnums=0)
+    eval_step = losses.get_step_fn(sde, model, False, unroll=backend.unroll_steps(), **kwargs)
 
     def eval_losses(state, batch, index):
         state = state.replace(rng=jax.random.fold_in(state.rng, index))
         return eval_step(state, batch)[1]
 
-    eval_losses = jax.jit(eval_losses, in_shardings=(rep, batches, rep), out_shardings=rep)
+    eval_losses = jax.jit(backend.tuned(eval_losses), in_shardings=(rep, batches, rep),
+                          out_shardings=rep)
     return train_step, eval_losses
 
 
@@ -105,10 +107,10 @@ def get_sample_fn(config, sde, model, shape, mesh):
         return sampler(rng, get_score_fn(config, sde, model, params, model_state, True))
 
     if sc.method == "ode" and ode.is_host_method(sc.ode_method):
-        return sample
+        return backend.tuned(sample)
+    # backend.jit: traced with the backend's formulations and compiled with its options.
     return logs.CompiledOnFirstCall(
-        jax.jit(sample, out_shardings=(batch_sharded(mesh), replicated(mesh)),
-                compiler_options=mutils.compiler_options()),
+        backend.jit(sample, out_shardings=(batch_sharded(mesh), replicated(mesh))),
         f"the {sc.method} sampler (batch {shape[0]})")
 
 
@@ -140,8 +142,7 @@ class LoopProgram:
             return parts.advance(carry, self.score_of(*score_args), start, stop)
 
         advance = logs.CompiledOnFirstCall(
-            jax.jit(advance, out_shardings=shardings, donate_argnums=0,
-                    compiler_options=mutils.compiler_options()),
+            backend.jit(advance, out_shardings=shardings, donate_argnums=0),
             f"{self.what} ({parts.num_steps} steps, batch {batch})")
         finish = jax.jit(parts.finish, out_shardings=batch_sharded(mesh))
         return init, advance, finish

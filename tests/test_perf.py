@@ -1,8 +1,11 @@
 """Performance features: compute precision, the persistent compilation cache, rematerialization
-and the fast gradient formulations, each checked against the plain float32 computation."""
+and the XLA:CPU backend's gradient formulations (backend/cpu.py), each checked against the plain
+float32 computation of the plain networks (models/)."""
 
 import contextlib
+import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -12,10 +15,12 @@ import numpy as np
 import pytest
 from jax import lax
 
+import backend
 import losses
 import sde_lib
+from backend import cpu
 from configs import tiny_test
-from models import fastgrad, precision
+from models import layers, precision
 from models import utils as mutils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,7 +151,8 @@ def _init(config):
 
 def _loss_and_grad(name, precision="float32", remat=False, plain=False):
     """The continuous VE training loss of the network of CONFIGS[name] and its gradient
-    (with `plain`, without fastgrad's formulations: plain autodiff's gradient)."""
+    (with `plain`, the plain networks alone: plain autodiff's gradient; otherwise traced with
+    the CPU backend's formulations, as the build layer does on CPU)."""
     key = (name, precision, remat, plain)
     if key in _RESULTS:
         return _RESULTS[key]
@@ -159,7 +165,7 @@ def _loss_and_grad(name, precision="float32", remat=False, plain=False):
     batch = jax.random.uniform(jax.random.PRNGKey(1), (config.training.batch_size, size, size,
                                                        ch))
     fn = jax.value_and_grad(lambda p: loss_fn(jax.random.PRNGKey(2), p, states, batch)[0])
-    with fastgrad.disabled() if plain else contextlib.nullcontext():
+    with contextlib.nullcontext() if plain else cpu.formulations():
         compiled = jax.jit(fn).lower(params).compile(FAST_COMPILE)
     _RESULTS[key] = compiled(params)
     _TEMP_BYTES[key] = compiled.memory_analysis().temp_size_in_bytes
@@ -245,7 +251,7 @@ def test_channel_dense_forward_mode_equals_plain():
     x = jax.random.normal(kx, (2, 4, 4, 6))
     w, b = jax.random.normal(kw, (6, 5)), jnp.arange(5.0)
     tangent = jax.random.normal(kt, x.shape)
-    out, jvp = jax.jvp(lambda v: fastgrad.channel_dense(v, w, b), (x,), (tangent,))
+    out, jvp = jax.jvp(lambda v: cpu.channel_dense(v, w, b), (x,), (tangent,))
     plain_out, plain_jvp = jax.jvp(lambda v: _plain_channel_dense(v, w, b), (x,), (tangent,))
     np.testing.assert_allclose(out, plain_out, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(jvp, plain_jvp, rtol=1e-6, atol=1e-6)
@@ -253,14 +259,14 @@ def test_channel_dense_forward_mode_equals_plain():
 
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_conv_forward_and_reverse_mode_equal_plain(kernel):
-    """fastgrad's convolution (1x1 as a channel product, 3x3 with a cotangent barrier) in
+    """The CPU backend's convolution (1x1 as a channel product, 3x3 with a cotangent barrier) in
     forward and reverse mode against lax.conv_general_dilated."""
     kx, kw, kt, kg = jax.random.split(jax.random.PRNGKey(4), 4)
     x = jax.random.normal(kx, (2, 5, 5, 6))
     w = jax.random.normal(kw, (kernel, kernel, 6, 4))
     tangent, g = jax.random.normal(kt, x.shape), jax.random.normal(kg, (2, 5, 5, 4))
     dn = lax.conv_dimension_numbers(x.shape, w.shape, DN)
-    fast = fastgrad.conv_fn("float32")
+    fast = cpu.conv_fn("float32")
 
     def conv(fn):
         return lambda x, w: fn(x, w, (1, 1), "SAME", dimension_numbers=dn)
@@ -284,7 +290,7 @@ def test_cotangent_barrier_is_the_identity_in_both_modes_and_materializes_on_cpu
     t = jax.random.normal(jax.random.PRNGKey(7), x.shape)
 
     def f(v):
-        return jnp.sin(fastgrad.cotangent_barrier(v * 2.0))
+        return jnp.sin(cpu.cotangent_barrier(v * 2.0))
 
     for v in (x, x.at[0, 0, 0, 0].set(jnp.nan)):
         out, jvp = jax.jit(lambda v: jax.jvp(f, (v,), (t,)))(v)
@@ -294,31 +300,109 @@ def test_cotangent_barrier_is_the_identity_in_both_modes_and_materializes_on_cpu
         np.testing.assert_allclose(grad, jnp.cos(v * 2.0) * 2.0 * t, rtol=1e-6)
     hlo = jax.jit(jax.grad(lambda v: jnp.sum(f(v) * t))).lower(x).as_text()
     assert ("stablehlo.case" in hlo) == (jax.default_backend() == "cpu")
-    with fastgrad.disabled():
-        plain = jax.jit(jax.grad(lambda v: jnp.sum(f(v) * t))).lower(x).as_text()
+    plain = jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(v * 2.0) * t))).lower(x).as_text()
     assert "stablehlo.case" not in plain
+
+
+def test_residual_sum_is_plain_unless_the_cpu_backend_is_on():
+    """layers.ResidualSum: x + h (over sqrt 2); the CPU formulations add the barrier's
+    conditional to its gradient, the plain module has none."""
+    x, h = (jax.random.normal(jax.random.PRNGKey(k), (2, 4, 4, 3)) for k in (8, 9))
+    module = layers.ResidualSum(skip_rescale=True)
+
+    def grad_hlo():
+        loss = lambda x: jnp.sum(jnp.sin(module.apply({}, x, h)))  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(x).as_text()
+
+    np.testing.assert_allclose(module.apply({}, x, h), (x + h) / np.sqrt(2.0), rtol=1e-6)
+    assert "stablehlo.case" not in grad_hlo()
+    with cpu.formulations():
+        assert "stablehlo.case" in grad_hlo()
+    assert "stablehlo.case" in jax.jit(jax.grad(backend.tuned(
+        lambda x: jnp.sum(jnp.sin(module.apply({}, x, h)))))).lower(x).as_text()
 
 
 def test_dropout_drops_the_rate_and_keeps_the_mean():
     x = jnp.ones((64, 32, 32, 16))
     for rate in (0.1, 0.5):
-        y = np.asarray(fastgrad.dropout(x, rate, jax.random.PRNGKey(5)))
+        y = np.asarray(cpu.dropout(x, rate, jax.random.PRNGKey(5)))
         dropped = float(np.mean(y == 0))
         # 1M draws: the standard error of the fraction is below 5e-4.
         assert abs(dropped - rate) < 3e-3
         assert abs(float(y.mean()) - 1.0) < 6e-3
         assert set(np.unique(y)) == {0.0, np.float32(65536 / (65536 - round(rate * 65536)))}
-    a, b = (fastgrad.dropout(x, 0.1, jax.random.PRNGKey(k)) for k in (6, 7))
+    a, b = (cpu.dropout(x, 0.1, jax.random.PRNGKey(k)) for k in (6, 7))
     assert not np.array_equal(a, b)
+
+
+def _apply_dropout(rate, key):
+    x = jnp.ones((64, 32, 32, 16))
+    return np.asarray(layers.Dropout(rate).apply({}, x, deterministic=False,
+                                                 rngs={"dropout": key}))
+
+
+def test_plain_dropout_has_the_exact_rate_and_the_cpu_backend_its_16_bit_variant():
+    for rate in (0.1, 0.5):
+        y = _apply_dropout(rate, jax.random.PRNGKey(5))
+        assert abs(float(np.mean(y == 0)) - rate) < 3e-3
+        assert abs(float(y.mean()) - 1.0) < 6e-3
+        # kept values are scaled by exactly 1 / (1 - rate), not by the 16-bit rounding's
+        assert set(np.unique(y)) == {0.0, np.float32(1.0 / (1.0 - rate))}
+    assert np.float32(1 / 0.9) != np.float32(65536 / (65536 - round(0.1 * 65536)))
+    with cpu.formulations():
+        y = _apply_dropout(0.1, jax.random.PRNGKey(5))
+    # the CPU backend's variant, with the key the module draws
+    key = jax.random.PRNGKey(5)
+    want = layers.Dropout(0.1).apply(
+        {}, jnp.ones((64, 32, 32, 16)), rngs={"dropout": key},
+        method=lambda m, x: cpu.dropout(x, m.rate, m.make_rng("dropout")))
+    np.testing.assert_array_equal(y, want)
+    assert set(np.unique(y)) == {0.0, np.float32(65536 / (65536 - round(0.1 * 65536)))}
+
+
+def _count_conds(remat):
+    config = CONFIGS["small_fir_attention"]()
+    config.training.remat = remat
+    model = mutils.create_model(config)
+    x, t = jnp.zeros((2, 8, 8, 1)), jnp.ones((2,))
+    params = mutils.param_shapes(config)
+
+    def loss(p):
+        return jnp.sum(model.apply({"params": p}, x, t, train=True,
+                                   rngs={"dropout": jax.random.PRNGKey(0)}))
+
+    with cpu.formulations():
+        text = str(jax.make_jaxpr(jax.grad(loss))(params))
+    return len(re.findall(r"\bcond\[", text))
+
+
+def test_rematerialized_blocks_keep_the_plain_formulations():
+    """Inside nn.remat blocks the CPU backend leaves the plain modules alone (its buffers work
+    against rematerialization); the layers outside the blocks still use its formulations."""
+    plain_blocks, fast = _count_conds(remat=True), _count_conds(remat=False)
+    assert 0 < plain_blocks < fast
+
+
+def test_models_are_plain_flax_and_the_backend_is_chosen_by_the_build_layer():
+    for path in glob.glob(os.path.join(ROOT, "models", "*.py")):
+        text = open(path).read()
+        assert not re.search(r"^\s*(from|import) (backend|run_lib)\b|fastgrad", text,
+                             re.MULTILINE), path
+    on_cpu = jax.default_backend() == "cpu"
+    assert backend.on_cpu() == on_cpu
+    assert backend.compiler_options() == (dict(cpu.COMPILER_OPTIONS) if on_cpu else None)
+    assert backend.unroll_steps() == on_cpu
+    f = lambda x: x  # noqa: E731
+    assert (backend.tuned(f) is f) == (not on_cpu)
 
 
 _REALLOCATE = r"""
 import ctypes, importlib.util, resource, sys, threading
-spec = importlib.util.spec_from_file_location("runtime", "run_lib/runtime.py")
-runtime = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(runtime)
+spec = importlib.util.spec_from_file_location("host", "backend/host.py")
+host = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(host)
 if sys.argv[1] == "reuse":
-    assert runtime.reuse_freed_host_memory()
+    assert host.reuse_freed_host_memory()
 faults = []
 
 libc = ctypes.CDLL("libc.so.6")
@@ -343,9 +427,9 @@ print(faults[-1])
 
 @pytest.mark.parametrize("mode", ["reuse", "default"])
 def test_freed_host_memory_is_reused_by_the_next_step(mode):
-    """With runtime.reuse_freed_host_memory, a 64 MiB block allocated and freed by a worker
-    thread is mapped once: the third allocation faults (almost) no page in; glibc's default
-    unmaps it and faults all 16,384 pages in again."""
+    """With backend.host.reuse_freed_host_memory (run_lib.runtime's by name), a 64 MiB block
+    allocated and freed by a worker thread is mapped once: the third allocation faults (almost)
+    no page in; glibc's default unmaps it and faults all 16,384 pages in again."""
     out = subprocess.run([sys.executable, "-c", _REALLOCATE, mode], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     faults = int(out.stdout.split()[-1])

@@ -1,5 +1,7 @@
-"""Formulations of the networks' products and dropout that XLA:CPU runs faster than the
-plain ones, with the same results.
+"""The XLA:CPU backend: formulations of the networks' products and dropout that XLA:CPU runs
+faster than the plain ones (with the same results), its compiler options and the unrolled
+n_jitted_steps loop (glibc's allocator settings: backend/host.py). `backend/__init__.py`
+switches them on.
 
 Measured on the CIFAR-10 NCSN++ train step (batch 8, 2 CPU cores) with XLA's per-operation
 profile, the plain formulations lose time in four places, each fixed here:
@@ -32,13 +34,13 @@ profile, the plain formulations lose time in four places, each fixed here:
 
 The transposed copies of x are kept from the forward to the backward pass (for the CIFAR-10
 NCSN++ at batch 8, 55 MB more of XLA's temporary buffers) and the materialized cotangents
-can coexist in the backward pass; both work against rematerialization, so rematerialized blocks
-(config.training.remat) trace with the plain formulations (`disabled()`).
+can coexist in the backward pass; both work against rematerialization, so modules inside a
+rematerialized block (config.training.remat) keep the plain formulations (`_interceptor`).
 
 Everything is written as custom JVPs, not VJPs, so forward-mode autodiff (the likelihood's
 divergence, any `jax.jvp` through a network) works as for the plain layers. The results equal
-plain autodiff's up to float32 summation order (tests/test_perf.py); `disabled()` switches
-the products back to the plain formulations, e.g. to compare.
+plain autodiff's up to float32 summation order (tests/test_perf.py); a network traced outside
+`formulations()` uses the plain ones (models/ alone), e.g. to compare.
 
 XLA's 3x3 weight gradient itself is kept: measured per layer shape (benchmarks/
 conv_grad_probe.py), every matmul-based formulation (im2col, 9 shifted matmuls, 3 row-shifted
@@ -47,31 +49,16 @@ matmuls, flat contiguous taps) was 1.2-2.5x slower than XLA's YNNPACK kernels (j
 
 from __future__ import annotations
 
-import contextlib
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from models import layers
 from models import precision as precision_lib
-
-_STATE = {"enabled": True}
-
-
-@contextlib.contextmanager
-def disabled():
-    """Within this block, networks traced use the plain formulations (autodiff's gradients)."""
-    previous, _STATE["enabled"] = _STATE["enabled"], False
-    try:
-        yield
-    finally:
-        _STATE["enabled"] = previous
-
-
-def enabled() -> bool:
-    return _STATE["enabled"]
 
 
 def _materialized(t, y):
@@ -110,7 +97,7 @@ def cotangent_barrier(y):
     blocks, into each of its consumers (the convolutions' weight-gradient transposes, the
     GroupNorm reductions), recomputing it per consumer.
     """
-    return _cotangent_barrier(y) if enabled() else y
+    return _cotangent_barrier(y)
 
 
 def _dense_product(x, w, precision):
@@ -150,8 +137,6 @@ def _fast_channel_product(x, w, precision):
 
 def channel_dense(x, w, b, precision: str = "float32"):
     """x [..., C] @ w [C, D] + b [D] -> [..., D] (float32), products in `precision`."""
-    if not enabled():
-        return _dense_product(x, w, precision) + b
     return _fast_channel_product(x, w, precision) + b
 
 
@@ -162,9 +147,6 @@ def conv_fn(precision: str):
 
     def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
              dimension_numbers=None, feature_group_count=1, **kwargs):
-        if not enabled():
-            return plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                         dimension_numbers, feature_group_count, **kwargs)
         if _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, dimension_numbers,
                          feature_group_count):
             return _fast_channel_product(lhs, rhs.reshape(rhs.shape[-2:]), precision)
@@ -194,7 +176,7 @@ def _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, dimension_num
 def dropout(x, rate: float, rng):
     """Inverted dropout of `x` with drop probability `rate` rounded to a multiple of 2^-16.
 
-    A forward computation, not a gradient formulation: `disabled()` leaves it as it is.
+    A forward computation, not a gradient formulation: used inside rematerialized blocks too.
     """
     threshold = round(rate * 65536)
     n = math.prod(x.shape)
@@ -202,3 +184,49 @@ def dropout(x, rate: float, rng):
     halves = jnp.concatenate([words & 0xFFFF, words >> 16])[:n].reshape(x.shape)
     keep = halves >= jnp.uint32(threshold)
     return jnp.where(keep, x * (65536 / (65536 - threshold)), 0.0).astype(x.dtype)
+
+
+def _in_lifted_transform(module: nn.Module) -> bool:
+    """Whether `module` runs inside a lifted transform (nn.remat here): there flax calls a
+    clone of the transformed module whose parent is a scope, so the chain of parent modules
+    ends at a module with a nonempty scope path instead of at the network applied."""
+    while isinstance(module.parent, nn.Module):
+        module = module.parent
+    return module.scope is not None and bool(module.scope.path)
+
+
+def _interceptor(next_fun, args, kwargs, context):
+    """The CPU formulations in place of the plain modules' methods (flax method interception):
+    layers.ConvProduct -> conv_fn, layers.ChannelDense -> channel_dense, layers.ResidualSum ->
+    its sum through cotangent_barrier (all three plain inside a rematerialized block), and
+    layers.Dropout.drop -> dropout (everywhere)."""
+    module, name = context.module, context.method_name
+    if isinstance(module, layers.Dropout) and name == "drop":
+        return dropout(args[0], module.rate, module.make_rng("dropout"))
+    if name != "__call__" or not isinstance(
+            module, (layers.ConvProduct, layers.ChannelDense, layers.ResidualSum)):
+        return next_fun(*args, **kwargs)
+    if _in_lifted_transform(module):
+        return next_fun(*args, **kwargs)
+    if isinstance(module, layers.ConvProduct):
+        return conv_fn(module.precision)(*args, **kwargs)
+    if isinstance(module, layers.ChannelDense):
+        return channel_dense(*args, **kwargs, precision=module.precision)
+    return cotangent_barrier(next_fun(*args, **kwargs))
+
+
+def formulations():
+    """A context in which networks traced use the formulations above."""
+    return nn.intercept_methods(_interceptor)
+
+
+# XLA:CPU's memory-optimized scheduler: 27% less temporary memory for the NCSN++ train step
+# (1273 -> 928 MiB at batch 8) and 96% less for its initialization (325 -> 14 MiB) at the same
+# speed; the default scheduler keeps more buffers live so that independent operations can run
+# concurrently, which a few CPU cores cannot exploit.
+COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+# XLA:CPU runs a train step 10-15x slower inside a while loop than straight-line (3.9 s vs
+# 0.25 s for the quickstart model at batch 16, forward passes alone are unaffected), so the
+# n_jitted_steps steps of one call are unrolled; a scan of length 1 is still a loop.
+UNROLL_STEPS = True
