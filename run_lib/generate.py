@@ -27,6 +27,7 @@ from absl import logging
 
 import backend
 import datasets
+import fast_samplers
 import likelihood
 import ode
 from evaluation import images_to_uint8
@@ -113,13 +114,32 @@ def load_checkpoint(config, workdir: str, mesh):
 
 
 def output_folder(config, workdir: str, mode: str, ckpt: int) -> str:
+    """Where a mode writes for checkpoint `ckpt`: config.sample.out, else <workdir>/<mode>/ckpt_k.
+
+    `sample` gives each sampler setting its own folder, so that samplers can be compared one
+    run after another: the first one sampled takes sample/ckpt_<k>/ itself (where samples.npz
+    is documented), every other one the subfolder named after it (`sampler_tag`)."""
     out = config.sample.out
-    if not out:
-        folder = os.path.join(workdir, mode, f"ckpt_{ckpt}")
-        if mode == "sample" and not _is_workdir_sampler(config, workdir):
-            return os.path.join(folder, sampler_tag(config))
+    if out:
+        return out if os.path.isabs(out) else os.path.join(workdir, out)
+    folder = os.path.join(workdir, mode, f"ckpt_{ckpt}")
+    if mode != "sample":
         return folder
-    return out if os.path.isabs(out) else os.path.join(workdir, out)
+    tag = sampler_tag(config)
+    recorded = _recorded_sampler(folder)
+    return folder if recorded in (None, tag) else os.path.join(folder, tag)
+
+
+def _recorded_sampler(folder: str) -> str | None:
+    """The sampler tag of the batches in `folder` (None: it holds none yet)."""
+    try:
+        with open(os.path.join(folder, "batches", "settings.json")) as f:
+            settings = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return ""  # unreadable: not a folder to add to
+    return str(settings.get("sampler", "")) if isinstance(settings, dict) else ""
 
 
 def sampler_tag(config) -> str:
@@ -135,31 +155,18 @@ def sampler_tag(config) -> str:
         return tag + ("_pflow" if sc.probability_flow else "")
     if method == "ode":
         return f"ode_{sc.ode_method}_tol{sc.ode_rtol:g}"
-    if method in ("ddim", "dpm_solver", "heun"):
+    if method in fast_samplers.DEFAULT_SCHEDULES:
         tag = f"{method}_{sc.num_steps}"
-        if method == "dpm_solver":
+        if method in fast_samplers.ORDERS:
             tag += f"_order{sc.order}"
+        if method == "unipc":
+            tag += f"_{sc.unipc_variant}"
         if method == "ddim" and sc.eta:
             tag += f"_eta{sc.eta:g}"
         if method == "heun" and sc.churn:
             tag += f"_churn{sc.churn:g}"
         return tag
     return method
-
-
-def _is_workdir_sampler(config, workdir: str) -> bool:
-    """Whether config.sampling (and the noise levels) are those of the workdir's config.json,
-    the run's own sampler (True where the workdir records no config)."""
-    path = os.path.join(workdir, "config.json")
-    try:
-        with open(path) as f:
-            recorded = json.load(f)
-        recorded_steps = recorded["model"]["num_scales"]
-        recorded = recorded["sampling"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return True
-    current = json.loads(config.sampling.to_json_best_effort())
-    return recorded == current and recorded_steps == config.model.num_scales
 
 
 def _check_settings(folder: str, settings: dict) -> None:
@@ -263,7 +270,8 @@ def sample(config, workdir: str, eval_folder: str = "eval") -> str:
         images = files.checked_images(gather(images), f"samples of batch {i}")[:sizes[i]]
         return {"samples": images_to_uint8(images)}
 
-    out = run.run_batches(len(sizes), produce, run.settings(), "sampling batches",
+    out = run.run_batches(len(sizes), produce, run.settings(sampler=sampler_tag(config)),
+                          "sampling batches",
                           grid_key="samples", sizes=sizes)
     samples = out["samples"][:n]
     if files.is_chief():

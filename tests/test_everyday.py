@@ -225,15 +225,15 @@ def test_conditional_and_sample_compute_only_the_samples_asked_for(monkeypatch, 
         batch_key = generate.Run.batch_key
         key = jax.random.PRNGKey(0)
 
-        def settings(self):
-            return {"n": 1}
+        def settings(self, **extra):
+            return {"n": 1, **extra}
 
         def run_batches(self, *args, **kwargs):
             return generate.run_batches(self.folder, *args, show_progress=False, **kwargs)
 
     monkeypatch.setattr(generate, "Run", FakeRun)
     monkeypatch.setattr(generate, "get_sample_fn", fake_sample_fn)
-    monkeypatch.setattr(generate, "prepare", lambda config, mode: config)
+    monkeypatch.setattr(generate, "prepare", lambda config, mode, workdir=None: config)
     config = tiny_test.get_config()
     config.sample.num_samples = 30
     folder = generate.sample(config, str(tmp_path))
@@ -299,33 +299,41 @@ def test_each_sampler_setting_gets_its_own_folder(tmp_path):
     config = tiny_test.get_config()
     workdir = str(tmp_path)
     run_lib.files.save_config(config, workdir)
-    default = generate.output_folder(config, workdir, "sample", 2)
-    assert default == os.path.join(workdir, "sample", "ckpt_2")
+    default = os.path.join(workdir, "sample", "ckpt_2")
     other = config.copy_and_resolve_references()
     other.sampling.method, other.sampling.num_steps, other.sampling.order = "dpm_solver", 19, 2
-    assert generate.output_folder(other, workdir, "sample", 2) == os.path.join(
-        default, "dpm_solver_19_order2")
     em = config.copy_and_resolve_references()
     em.sampling.predictor, em.sampling.corrector = "euler_maruyama", "none"
-    assert generate.output_folder(em, workdir, "sample", 2) == os.path.join(
-        default, "euler_maruyama_none_4")
     fewer = config.copy_and_resolve_references()
     fewer.model.num_scales = 2
-    assert generate.output_folder(fewer, workdir, "sample", 2).endswith(
-        "reverse_diffusion_langevin_2_snr0.16_x1")
-    # The README's comparison, one run after another: no folder holds another's batches.
-    for c in (config, other, em, fewer, config):
+    unipc = config.copy_and_resolve_references()
+    unipc.sampling.method, unipc.sampling.num_steps, unipc.sampling.order = "unipc", 10, 3
+
+    def sample_into(c):
         folder = generate.output_folder(c, workdir, "sample", 2)
         generate.run_batches(folder, 1, lambda i: {"x": np.zeros((1, 1))},
-                             {"sampling": c.sampling.to_dict(), "N": c.model.num_scales}, "t",
-                             show_progress=False)
+                             {"sampler": generate.sampler_tag(c), "N": c.model.num_scales},
+                             "t", show_progress=False)
+        return folder
+
+    # The README's comparison, one run after another: the first sampler takes
+    # sample/ckpt_<k>/ (where samples.npz is documented), each other one a folder named after
+    # it, and a sampler run again finds its own folder; no folder holds another's batches.
+    assert sample_into(other) == default
+    assert sample_into(config) == os.path.join(default, "reverse_diffusion_langevin_4_snr0.16_x1")
+    assert sample_into(em) == os.path.join(default, "euler_maruyama_none_4")
+    assert sample_into(fewer).endswith("reverse_diffusion_langevin_2_snr0.16_x1")
+    assert sample_into(unipc) == os.path.join(default, "unipc_10_order3_bh2")
+    assert sample_into(config) == os.path.join(default, "reverse_diffusion_langevin_4_snr0.16_x1")
+    assert sample_into(other) == default
     # Other modes, and an explicit sample.out, are unchanged.
     assert generate.output_folder(other, workdir, "inpaint", 2) == os.path.join(
         workdir, "inpaint", "ckpt_2")
     other.sample.out = "mine"
     assert generate.output_folder(other, workdir, "sample", 2) == os.path.join(workdir, "mine")
-    # Without a recorded config, the sampler given is the workdir's own.
-    assert generate.output_folder(em, str(tmp_path / "new"), "sample", 1).endswith("ckpt_1")
+    # On a checkpoint not sampled yet, any sampler writes to sample/ckpt_<k>/.
+    assert generate.output_folder(em, workdir, "sample", 1).endswith(os.path.join("sample",
+                                                                                  "ckpt_1"))
 
 
 # ---------------------------------------------------------------------------- 14: data first
