@@ -57,7 +57,7 @@ def _config():
 
 def main(argv):
     del argv
-    base = os.path.join(FLAGS.workdir, "bench_representations")
+    base = os.path.abspath(os.path.join(FLAGS.workdir, "bench_representations"))
     for _ in range(FLAGS.repeat):
         shutil.rmtree(base, ignore_errors=True)
         config = _config()
