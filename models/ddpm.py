@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models import layers, normalization
-from models.utils import register_model
+from models.registry import register_model
 
 
 @register_model(name="ddpm")

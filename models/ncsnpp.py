@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from models import layers, layerspp
 from models import precision as precision_lib
-from models.utils import register_model
+from models.registry import register_model
 
 _CHOICES = {
     "resblock_type": ("ddpm", "biggan"),

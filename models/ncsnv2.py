@@ -29,7 +29,7 @@ from models.layers import (
     ncsn_conv3x3,
 )
 from models.normalization import get_normalization
-from models.utils import register_model
+from models.registry import register_model
 
 
 def _label_index(labels):

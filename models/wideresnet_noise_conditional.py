@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import normalization
-from models.utils import register_model
+from models.registry import register_model
 
 # He-normal initialization with fan_out, as in the WRN reference implementations.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")

@@ -3,6 +3,7 @@ create_model (config -> typed module fields) and init_model's return order."""
 
 import importlib
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 
 import score_model
 import sde_lib
+from models import param_trees
 from models import utils as mutils
 
 
@@ -225,3 +227,61 @@ def test_init_model_returns_the_reference_order():
                                   np.ones(2))
     assert set(initial_params) == {"Dense_0", "BatchNorm_0"}
     assert initial_params["Dense_0"]["kernel"].shape == (3, 2)
+
+
+def test_first_difference_names_the_most_telling_parameter():
+    want = {("Dense_0", "kernel"): (3, 2), ("Dense_0", "bias"): (2,),
+            ("Fourier_0", "W"): (8,)}
+    assert param_trees.first_difference(dict(want), want) is None
+    # A whole module on one side comes before a shape difference elsewhere.
+    have = {("Dense_0", "kernel"): np.zeros((3, 4)), ("Dense_0", "bias"): np.zeros(2)}
+    assert param_trees.first_difference(have, want) == (
+        "parameter 'Fourier_0/W' is absent from the checkpoint (shape (8,) in the config)")
+    have[("Fourier_0", "W")] = np.zeros(8)
+    assert param_trees.first_difference(have, want, sep=".", where="this config") == (
+        "parameter 'Dense_0.kernel' has shape (3, 4) in the checkpoint but (3, 2) in this config")
+    # `first`: the parameters before the optimizer's moments, though 'opt_state' sorts first.
+    state = {("params", "w"): (2,), ("opt_state", "mu", "w"): (2,)}
+    stored = {("params", "w"): (3,), ("opt_state", "mu", "w"): (3,)}
+    assert "'params/w'" in param_trees.first_difference(stored, state, first=("params",))
+    assert "'opt_state/mu/w'" in param_trees.first_difference(stored, state)
+
+
+def test_leaf_shapes_names_dict_attribute_and_index_keys():
+    state = mutils.State(step=np.int32(0), params={"Conv_0": {"kernel": np.zeros((3, 3, 1, 2))}},
+                         opt_state=(np.zeros(4), {"mu": np.zeros(5)}), params_ema={},
+                         model_state={}, rng=np.zeros(2, np.uint32))
+    assert param_trees.leaf_shapes(state) == {
+        ("step",): (), ("params", "Conv_0", "kernel"): (3, 3, 1, 2), ("opt_state", "0"): (4,),
+        ("opt_state", "1", "mu"): (5,), ("rng",): (2,)}
+
+
+def test_classifier_checkpoint_of_other_sizes_is_refused_naming_the_parameter(tmp_path):
+    classifier = mutils.create_classifier_module(ml_collections.ConfigDict(
+        {"classifier": {"blocks_per_group": 1, "channel_multiplier": 1, "num_classes": 3}}))
+    params = mutils.init_classifier_params(classifier, jax.random.PRNGKey(0), (8, 8, 1))
+    path = tmp_path / "classifier.msgpack"
+    path.write_bytes(flax.serialization.to_bytes(params))
+    again = mutils.load_classifier_params(str(path), params)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = mutils.init_classifier_params(
+        mutils.create_classifier_module(ml_collections.ConfigDict(
+            {"classifier": {"blocks_per_group": 1, "channel_multiplier": 1, "num_classes": 4}})),
+        jax.random.PRNGKey(0), (8, 8, 1))
+    with pytest.raises(ValueError, match=r"does not match the classifier's config: parameter "
+                                         r"'[^']*/bias' has shape \(3,\) in the checkpoint but "
+                                         r"\(4,\) in the config"):
+        mutils.load_classifier_params(str(path), other)
+
+
+def test_utils_keeps_every_reference_name():
+    for name in ("register_model", "get_model", "registered_models", "create_model",
+                 "model_kwargs", "get_sigmas", "init_model", "InitializedModel", "param_shapes",
+                 "count_params", "get_model_fn", "get_score_fn", "State",
+                 "create_classifier_module", "init_classifier_params",
+                 "load_classifier_params", "create_classifier", "_dummy_inputs", "_MODELS"):
+        assert hasattr(mutils, name), name
+    assert mutils.get_model("test_batch_stats_model") is BatchStatsModel
+    assert mutils._MODELS["test_batch_stats_model"] is BatchStatsModel
