@@ -40,11 +40,11 @@ import safetensors.numpy
 from flax import serialization
 
 from evaluation.pth import WeightFileError, load_torch_checkpoint
+from models.param_trees import first_difference
 from pretrained import _diffusers, _pth_writer, _torch, _torch_export
 from pretrained._trees import (
     PretrainedError,
     count_text,
-    first_difference,
     flatten,
     match,
     mismatch,

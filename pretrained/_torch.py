@@ -21,11 +21,11 @@ import re
 
 import numpy as np
 
+from models.param_trees import first_difference
 from pretrained._trees import (
     PretrainedError,
     count_text,
     creation_order,
-    first_difference,
     mismatch,
     target_shapes,
 )

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from models import utils as mutils
+from models.from_config import create_model, dummy_inputs
 from pretrained import _torch
 from pretrained._trees import PretrainedError, creation_order, flatten
 
@@ -79,7 +79,7 @@ def _has_params(config) -> list[bool]:
 def _call_order(config_json: str) -> dict[tuple[str, ...], int]:
     """Rank of every submodule path by its first call (= PyTorch's registration order)."""
     config = ml_collections.ConfigDict(json.loads(config_json))
-    model = mutils.create_model(config)
+    model = create_model(config)
     order: dict[tuple[str, ...], int] = {}
 
     def record(next_fun, args, kwargs, context):
@@ -88,7 +88,7 @@ def _call_order(config_json: str) -> dict[tuple[str, ...], int]:
             order[tuple(scope.path)] = len(order)
         return next_fun(*args, **kwargs)
 
-    x, labels = mutils._dummy_inputs(config)
+    x, labels = dummy_inputs(config)
     rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
     with nn.intercept_methods(record):
         jax.eval_shape(lambda: model.init(rngs, x, labels, train=False))

@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from models import utils as mutils
+from models.from_config import create_model, dummy_inputs
+from models.param_trees import first_difference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,8 +44,8 @@ def _shapes_and_order(config_json: str):
     # Keyed by the config's JSON: ConfigDicts are mutable, and tracing a deep network takes
     # seconds, so a load followed by an export traces it once.
     config = ml_collections.ConfigDict(json.loads(config_json))
-    model = mutils.create_model(config)
-    x, labels = mutils._dummy_inputs(config)
+    model = create_model(config)
+    x, labels = dummy_inputs(config)
     order: list[str] = []
 
     def record(next_fun, args, kwargs, context):
@@ -73,31 +74,6 @@ def creation_order(config) -> tuple[str, ...]:
     """Names of the network's top-level submodules that hold parameters, in creation order
     (the order of PyTorch's `all_modules` in score_sde_pytorch's NCSN++ and DDPM)."""
     return _shapes_and_order(config.to_json_best_effort())[1]
-
-
-def _short(path) -> str:
-    return "/".join(path)
-
-
-def first_difference(have: dict, want: dict) -> str | None:
-    """How the first differing parameter differs (checkpoint `have` vs config `want`), or None
-    if the names and shapes agree."""
-    have_tops, want_tops = {p[0] for p in have}, {p[0] for p in want}
-    # A whole module on one side only (e.g. Fourier features: continuous vs discrete) says
-    # more than the shape differences it causes downstream, so it comes first.
-    for path in sorted(set(have) | set(want),
-                       key=lambda p: (p[0] in have_tops and p[0] in want_tops, p)):
-        a = None if path not in have else tuple(np.shape(have[path]))
-        b = want.get(path)
-        if a == b:
-            continue
-        name = repr(_short(path))
-        if a is None:
-            return f"parameter {name} is absent from the checkpoint (shape {b} in the config)"
-        if b is None:
-            return f"parameter {name} (shape {a} in the checkpoint) is absent from the config"
-        return f"parameter {name} has shape {a} in the checkpoint but {b} in the config"
-    return None
 
 
 def count_text(have: dict, want: dict) -> str:

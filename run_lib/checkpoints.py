@@ -33,6 +33,7 @@ import tensorflow as tf
 from absl import logging
 
 import losses
+from models import param_trees
 from run_lib import faults, files
 from run_lib.checks import CheckpointError
 from run_lib.devices import compile_once
@@ -100,22 +101,6 @@ def abstract_state(config, rng, sharding):
     shapes = jax.eval_shape(_state_init_fn(config), rng)
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-
-
-def _leaf_name(path) -> str:
-    """A key path as Orbax names the array ('params.Conv_0.kernel', 'opt_state.1.0.mu...')."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return ".".join(parts)
-
-
-def _shapes_by_name(tree) -> dict[str, tuple]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_leaf_name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 # ---------------------------------------------------------------------------- manifests
@@ -333,15 +318,14 @@ def check_matches(manager, step: int, abstract) -> None:
     except Exception as e:  # unreadable metadata: damage, not a different config
         raise DamagedCheckpointError(
             f"{step_dir(manager, step)}: unreadable metadata ({e}).") from e
-    have, want = _shapes_by_name(stored), _shapes_by_name(abstract)
     # Parameters first: they say more about which config wrote a checkpoint than Adam's moments.
-    for name in sorted(set(have) | set(want), key=lambda n: (not n.startswith("params."), n)):
-        if have.get(name) != want.get(name):
-            raise ConfigMismatchError(
-                f"{step_dir(manager, step)} was written for a different config: parameter "
-                f"{name!r} has shape {have.get(name, 'absent')} in the checkpoint but "
-                f"{want.get(name, 'absent')} in this config. Use the config that wrote it (its "
-                "config.json in the workdir) or another --workdir.")
+    problem = param_trees.first_difference(param_trees.leaf_shapes(stored),
+                                           param_trees.leaf_shapes(abstract), sep=".",
+                                           where="this config", first=("params",))
+    if problem is not None:
+        raise ConfigMismatchError(
+            f"{step_dir(manager, step)} was written for a different config: {problem}. Use the "
+            "config that wrote it (its config.json in the workdir) or another --workdir.")
 
 
 def restore(manager, step: int, abstract):

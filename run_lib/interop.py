@@ -26,6 +26,7 @@ from absl import logging
 import losses
 import pretrained
 from models import utils as mutils
+from models.param_trees import first_difference, leaf_shapes
 from run_lib import checkpoints, files
 from run_lib.checks import UsageError, prepare
 from run_lib.devices import make_mesh, replicated
@@ -80,16 +81,16 @@ def _state(config, loaded):
 
 
 def _check_layout(state, abstract) -> None:
+    problem = first_difference(leaf_shapes(state), leaf_shapes(abstract), sep=".",
+                               where="this config's train state", first=("params",))
+    if problem is not None:
+        raise UsageError(f"the imported state does not match this config's train state: "
+                         f"{problem}.")
     have = jax.tree_util.tree_structure(state)
     want = jax.tree_util.tree_structure(abstract)
-    if have != want:
+    if have != want:  # the same arrays in other containers
         raise UsageError(f"the imported state's layout differs from this config's train state "
                          f"({have} vs {want}).")
-    for x, a in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(abstract),
-                    strict=True):
-        if tuple(np.shape(x)) != tuple(a.shape):
-            raise UsageError(f"the imported state has an array of shape {np.shape(x)} where "
-                             f"this config's train state has {a.shape}.")
 
 
 def import_checkpoint(config, workdir: str, eval_folder: str = "eval") -> str:

@@ -145,6 +145,22 @@ def test_import_state_carries_adam_moments():
     assert_trees_equal(state.params_ema, loaded.params_ema)
 
 
+def test_imported_state_of_other_shapes_is_refused_naming_the_array():
+    state = mutils.State(step=np.int32(0), params={"Conv_0": {"kernel": np.zeros((3, 3, 1, 4))}},
+                         opt_state=(), params_ema={}, model_state={}, rng=np.zeros(2, np.uint32))
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    interop._check_layout(state, abstract)  # the same layout: no error
+    other = abstract.replace(params={"Conv_0": {"kernel": jax.ShapeDtypeStruct((3, 3, 1, 8),
+                                                                               np.float32)}})
+    with pytest.raises(interop.UsageError, match=re.escape(
+            "the imported state does not match this config's train state: parameter "
+            "'params.Conv_0.kernel' has shape (3, 3, 1, 4) in the checkpoint but (3, 3, 1, 8) in "
+            "this config's train state.")):
+        interop._check_layout(state, other)
+    with pytest.raises(interop.UsageError, match="layout differs"):
+        interop._check_layout(state, abstract.replace(opt_state=[]))
+
+
 # ---------------------------------------------------------------------------- diffusers
 
 def test_export_then_load_gives_identical_parameters(tmp_path):

@@ -240,6 +240,27 @@ def test_unverifiable_meta_checkpoint_falls_back_to_the_previous_good_one(tmp_pa
         checkpoints.restore(meta, 4, _abstract())
 
 
+def test_checkpoint_of_another_config_names_its_first_parameter(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from run_lib import checkpoints
+
+    _, _, meta = _managers(tmp_path)
+    state = {"params": {"w": jnp.zeros((4, 3))}, "opt_state": {"mu": jnp.zeros((4, 3))}}
+    checkpoints.save(meta, 2, state, "meta", 2)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    checkpoints.check_matches(meta, 2, abstract)  # the same shapes: no error
+    # The parameters are named before Adam's moments, though 'opt_state' sorts first.
+    other = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((4, 5), x.dtype), state)
+    with pytest.raises(checkpoints.ConfigMismatchError) as e:
+        checkpoints.check_matches(meta, 2, other)
+    assert str(e.value) == (
+        f"{checkpoints.step_dir(meta, 2)} was written for a different config: parameter "
+        "'params.w' has shape (4, 3) in the checkpoint but (4, 5) in this config. Use the "
+        "config that wrote it (its config.json in the workdir) or another --workdir.")
+
+
 def test_only_incomplete_checkpoints_start_afresh_but_damage_stops(tmp_path):
     from run_lib import checkpoints
 
