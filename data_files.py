@@ -2,6 +2,8 @@
 images (a folder of PNG/JPEG files, or an `.npz`), with the one error they raise: `DataError`.
 
 `datasets` re-exports all three names; the input pipelines there build on `read_idx`.
+`NATIVE_SIZES`: the stored image sizes of the built-in data sets, read by `datasets` (which
+registers them with it) and by `evaluation.metrics` (stats file names) without TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from PIL import Image
 
 class DataError(ValueError):
     """A damaged or wrong data file; the message names the file and what is wrong with it."""
+
+
+# (H, W) of the stored images of the built-in data sets (LSUN, FFHQ, CelebAHQ: any size).
+NATIVE_SIZES = {"CIFAR10": (32, 32), "SVHN": (32, 32), "CELEBA": (218, 178), "MNIST": (28, 28),
+                "FashionMNIST": (28, 28)}
 
 
 # ----------------------------------------------------------------------------- IDX files

@@ -55,7 +55,7 @@ import data_folder
 
 # DataError, read_idx and load_images are part of this module's API; they live in data_files so
 # that reading files needs no TensorFlow.
-from data_files import DataError, load_images, read_idx  # noqa: F401
+from data_files import NATIVE_SIZES, DataError, load_images, read_idx  # noqa: F401
 
 # TensorFlow only feeds data here, but its first op would claim nearly all memory of every GPU
 # it sees, starving JAX. Hiding the GPUs must happen before TF initializes its devices; doing it
@@ -556,20 +556,20 @@ _TEST, _VALID, _SAME = ("train", "test"), ("train", "validation"), ("train", "tr
 _FASHION_OBTAIN = (_IDX + ", e.g. `apt-get install dataset-fashion-mnist` and set "
                    "config.data.data_dir=/usr/share/datasets/fashion-mnist")
 
-for _name, _load, _channels, _native, _pre in (
-    # name, loader, channels, native (H, W), preprocess
-    ("CIFAR10", TfdsLoader("CIFAR10", "cifar10", _TEST), 3, (32, 32), _pre_resize),
-    ("SVHN", TfdsLoader("SVHN", "svhn_cropped", _TEST), 3, (32, 32), _pre_resize),
-    ("CELEBA", TfdsLoader("CELEBA", "celeb_a", _VALID), 3, (218, 178), _pre_celeba),
-    ("LSUN", TfdsLoader("LSUN", "lsun/{category}", _VALID), 3, None, _pre_lsun),
-    ("FFHQ", TfrecordsLoader("FFHQ"), 3, None, _pre_resize),
-    ("CelebAHQ", TfrecordsLoader("CelebAHQ"), 3, None, _pre_resize),
-    ("MNIST", IdxOrTfdsLoader("MNIST", "mnist", _TEST, _IDX, _MNIST_FILES), 1, (28, 28),
-     _pre_mnist),
+for _name, _load, _channels, _pre in (
+    # name, loader, channels, preprocess; the stored (H, W) is data_files.NATIVE_SIZES'
+    ("CIFAR10", TfdsLoader("CIFAR10", "cifar10", _TEST), 3, _pre_resize),
+    ("SVHN", TfdsLoader("SVHN", "svhn_cropped", _TEST), 3, _pre_resize),
+    ("CELEBA", TfdsLoader("CELEBA", "celeb_a", _VALID), 3, _pre_celeba),
+    ("LSUN", TfdsLoader("LSUN", "lsun/{category}", _VALID), 3, _pre_lsun),
+    ("FFHQ", TfrecordsLoader("FFHQ"), 3, _pre_resize),
+    ("CelebAHQ", TfrecordsLoader("CelebAHQ"), 3, _pre_resize),
+    ("MNIST", IdxOrTfdsLoader("MNIST", "mnist", _TEST, _IDX, _MNIST_FILES), 1, _pre_mnist),
     ("FashionMNIST", IdxOrTfdsLoader("FashionMNIST", "fashion_mnist", _TEST, _FASHION_OBTAIN,
-                                     _MNIST_FILES), 1, (28, 28), _pre_mnist),
+                                     _MNIST_FILES), 1, _pre_mnist),
 ):
-    register_dataset(_name, channels=_channels, native_size=_native, preprocess=_pre)(_load)
+    register_dataset(_name, channels=_channels, native_size=NATIVE_SIZES.get(_name),
+                     preprocess=_pre)(_load)
 
 
 def default_cache_dir() -> str:

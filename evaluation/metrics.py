@@ -140,8 +140,14 @@ def inception_score_from_logits(logits: Any) -> float:
 # --------------------------------------------------------------------------------------
 
 
-# Resolutions at which a dataset's statistics file carries no size in its name.
-_NATIVE_SIZE = {"CIFAR10": 32, "SVHN": 32, "CELEBA": 64, "MNIST": 28, "FashionMNIST": 28}
+def _size_free(dataset: str) -> int | None:
+    """The image size at which the dataset's statistics file carries no size in its name: the
+    stored size of a square data set (data_files.NATIVE_SIZES); for CelebA (218 x 178, cropped
+    square) the 64 px of the reference's configs and its celeba_stats.npz."""
+    if dataset == "CELEBA":
+        return 64
+    h, w = data_files.NATIVE_SIZES.get(dataset, (None, None))
+    return h if h == w else None
 
 
 def dataset_stats_path(config: Any) -> str:
@@ -165,7 +171,7 @@ def dataset_stats_path(config: Any) -> str:
         name += f"_{base}_{digest}"
     if config.data.dataset == "LSUN":
         name += f"_{config.data.category}"
-    if _NATIVE_SIZE.get(config.data.dataset) != config.data.image_size:
+    if _size_free(config.data.dataset) != config.data.image_size:
         name += f"_{config.data.image_size}"
     return os.path.join(stats_dir, f"{name}_stats.npz")
 
