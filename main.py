@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections.config_flags import config_flags
 
 from configs import plugins
+from run_lib import modes
 
 # Before TensorFlow is first imported: its C++ start-up lines are not the run's.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,11 +29,8 @@ config_flags.DEFINE_config_file("config", None, "Training configuration file.",
 # config.plugins are imported as the config file loads, before the --config.* overrides.
 plugins.install(FLAGS["config"])
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, samples, logs.")
-# The names of run_lib.MODES (listed here so that --help works without importing JAX).
-MODES = ["train", "eval", "fid_stats", "sample", "inpaint", "colorize", "train_classifier",
-         "conditional", "likelihood", "import", "export", "data_stats", "encode", "decode",
-         "interpolate"]
-flags.DEFINE_enum("mode", None, MODES, "Running mode.")
+# run_lib.modes imports no JAX: --help and a bad --mode answer at once.
+flags.DEFINE_enum("mode", None, modes.NAMES, "Running mode.")
 flags.DEFINE_string("eval_folder", "eval", "Folder (inside workdir) for evaluation outputs.")
 flags.mark_flags_as_required(["config", "workdir", "mode"])
 
@@ -102,7 +100,7 @@ def parse_flags(argv):
 
 
 def _maybe_initialize_distributed():
-    import jax  # here for the same reason as run_lib below
+    import jax  # here for the same reason as backend below
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
@@ -115,8 +113,8 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {argv[1:]}", USAGE_EXIT)
     _maybe_initialize_distributed()
-    # Imported here, not at the top: run_lib pulls in TensorFlow and JAX (seconds), and flag
-    # errors and --help should answer at once.
+    # Imported here, not at the top: backend and run_lib's modules pull in TensorFlow and JAX
+    # (seconds), and flag errors and --help should answer at once (run_lib itself is light).
     import backend
     import run_lib
 
@@ -129,7 +127,7 @@ def main(argv):
     run_lib.logs.install_filter(verbose=verbose)
     try:
         with run_lib.interrupt.graceful_sigint():
-            run_lib.MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir, FLAGS.eval_folder)
+            modes.load(FLAGS.mode)(FLAGS.config, FLAGS.workdir, FLAGS.eval_folder)
     except run_lib.USAGE_ERRORS as e:
         _fail(str(e), USAGE_EXIT)
     except run_lib.RUN_ERRORS as e:

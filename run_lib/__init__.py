@@ -8,6 +8,9 @@ validation (`checks`), the jitted programs (`steps`), and the loops (`training`,
 hosts: the batch is sharded over a one-axis device mesh, the train state is replicated, and
 each host reads its own shard of the data.
 
+The names below are imported on first use (PEP 562 module `__getattr__`), so that
+`import run_lib` and `run_lib.modes` (main.py's --help) need no JAX or TensorFlow.
+
 Workdir layout:
   config.json                      the resolved config of the run
   stdout.txt                       the run's log
@@ -22,50 +25,51 @@ Workdir layout:
   classifier/                      the noise-conditional classifier (--mode=train_classifier)
 """
 
-import datasets
-import evaluation
-import pretrained
-from run_lib import checkpoints, interrupt, logs
-from run_lib.checkpoints import DiskFullError, init_state
-from run_lib.checks import CheckpointError, ConfigError, UsageError, validate_config
-from run_lib.classifier import train_classifier
-from run_lib.controllable import colorize, conditional, inpaint
-from run_lib.data_statistics import data_stats
-from run_lib.decoding import decode
-from run_lib.devices import make_mesh, to_global
-from run_lib.encoding import encode
-from run_lib.evaluating import evaluate, fid_stats
-from run_lib.generate import likelihood_mode, sample
-from run_lib.interop import export, import_checkpoint
-from run_lib.interpolation import interpolate
-from run_lib.interrupt import Interrupted
-from run_lib.steps import build_step_fns, get_sample_fn
-from run_lib.training import train
+import importlib
+import importlib.util
 
-# `main.py --mode=<name>`: each mode is a function (config, workdir, eval_folder).
-MODES = {
-    "train": lambda config, workdir, eval_folder: train(config, workdir),
-    "eval": evaluate,
-    "fid_stats": lambda config, workdir, eval_folder: fid_stats(config, workdir),
-    "sample": sample,
-    "inpaint": inpaint,
-    "colorize": colorize,
-    "train_classifier": train_classifier,
-    "conditional": conditional,
-    "likelihood": likelihood_mode,
-    "import": import_checkpoint,
-    "export": export,
-    "data_stats": lambda config, workdir, eval_folder: data_stats(config, workdir),
-    "encode": encode,
-    "decode": decode,
-    "interpolate": interpolate,
+from run_lib import modes
+
+# Public names -> the module that defines them; the modes' functions come from run_lib.modes.
+_EXPORTS = {
+    "CheckpointError": "run_lib.checks", "ConfigError": "run_lib.checks",
+    "UsageError": "run_lib.checks", "validate_config": "run_lib.checks",
+    "DiskFullError": "run_lib.checkpoints", "init_state": "run_lib.checkpoints",
+    "Interrupted": "run_lib.interrupt",
+    "make_mesh": "run_lib.devices", "to_global": "run_lib.devices",
+    "build_step_fns": "run_lib.steps", "get_sample_fn": "run_lib.steps",
+    **{path.partition(":")[2]: path.partition(":")[0] for path in modes.MODES.values()},
 }
 
-# What main.py turns into one line: bad input (exit code 2), and runs that cannot go on (1).
-USAGE_ERRORS = (UsageError, datasets.DataError, FileNotFoundError,
-                checkpoints.ConfigMismatchError, pretrained.PretrainedError)
-RUN_ERRORS = (CheckpointError, FloatingPointError, DiskFullError, evaluation.WeightFileError,
-              OSError)
+
+def _errors() -> dict[str, tuple[type[BaseException], ...]]:
+    """What main.py turns into one line: bad input (exit code 2), and runs that cannot go on
+    (1)."""
+    import datasets
+    import evaluation
+    import pretrained
+    from run_lib import checkpoints, checks
+
+    return {"USAGE_ERRORS": (checks.UsageError, datasets.DataError, FileNotFoundError,
+                             checkpoints.ConfigMismatchError, pretrained.PretrainedError),
+            "RUN_ERRORS": (checks.CheckpointError, FloatingPointError,
+                           checkpoints.DiskFullError, evaluation.WeightFileError, OSError)}
+
+
+def __getattr__(name: str):
+    if name == "MODES":  # `main.py --mode=<name>`: a function (config, workdir, eval_folder)
+        value = {mode: modes.load(mode) for mode in modes.NAMES}
+    elif name in ("USAGE_ERRORS", "RUN_ERRORS"):
+        value = _errors()[name]
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __all__ = ["RUN_ERRORS", "USAGE_ERRORS", "CheckpointError", "ConfigError", "DiskFullError",
            "Interrupted", "MODES", "UsageError", "build_step_fns", "evaluate", "fid_stats",

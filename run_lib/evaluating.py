@@ -94,11 +94,12 @@ def _wait_for_checkpoint(manager, ckpt, config, workdir):
         waited += poll
 
 
-def fid_stats(config, workdir: str | None = None) -> str:
+def fid_stats(config, workdir: str | None = None, eval_folder: str = "eval") -> str:
     """Inception pool_3 features of every training image (uint8, no dequantization).
 
     Writes `evaluation.dataset_stats_path(config)` with key 'pool_3'; returns its path.
     """
+    del eval_folder  # the statistics belong to the data set, not to a run
     config = prepare(config, "eval", workdir)
     scorer = InceptionScorer(config, make_mesh())
     train_ds, _, _ = datasets.get_dataset(config, uniform_dequantization=False,

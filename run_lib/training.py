@@ -122,7 +122,7 @@ class _Run:
             snapshot_samples(self.sample_fn, state, step, self.workdir)
 
 
-def train(config, workdir: str) -> None:
+def train(config, workdir: str, eval_folder: str = "eval") -> None:
     """Trains the configured score model, resuming from workdir/checkpoints-meta if present."""
     config = prepare(config, "train", workdir)
     files.check_workdir(workdir)
