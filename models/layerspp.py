@@ -15,6 +15,7 @@ trainable_mask(params))` to freeze it provably.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -114,8 +115,9 @@ class AttnBlockpp(nn.Module):
         return _residual_sum(x, h, self.skip_rescale)
 
 
-class Upsample(nn.Module):
-    """2x upsampling: nearest (+ 3x3 conv) or FIR (+ fused FIR up-conv). [B,H,W,C]->2H,2W,out."""
+class _Resample(nn.Module):
+    """The fields of Upsample and Downsample: out_ch (None: the input's channels), a 3x3
+    convolution or not, FIR resampling or not, its kernel, and the products' precision."""
 
     out_ch: int | None = None
     with_conv: bool = False
@@ -123,48 +125,58 @@ class Upsample(nn.Module):
     fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
     precision: str = "float32"
 
+    def fir_conv(self, x, **up_or_down):
+        """The fused FIR resampling 3x3 convolution (StyleGAN2's), called from __call__."""
+        return up_or_down_sampling.Conv2d(self.out_ch or x.shape[-1], kernel=3,
+                                          resample_kernel=tuple(self.fir_kernel), use_bias=True,
+                                          kernel_init=default_init(), precision=self.precision,
+                                          **up_or_down)(x)
+
+
+class Upsample(_Resample):
+    """2x upsampling: nearest (+ 3x3 conv) or FIR (+ fused FIR up-conv). [B,H,W,C]->2H,2W,out."""
+
     @nn.compact
     def __call__(self, x):
-        out_ch = self.out_ch if self.out_ch else x.shape[-1]
         if not self.fir:
             h = up_or_down_sampling.naive_upsample_2d(x, factor=2)
             if self.with_conv:
-                h = conv3x3(h, out_ch, precision=self.precision)
+                h = conv3x3(h, self.out_ch or x.shape[-1], precision=self.precision)
         elif not self.with_conv:
             h = up_or_down_sampling.upsample_2d(x, self.fir_kernel, factor=2)
         else:
-            h = up_or_down_sampling.Conv2d(out_ch, kernel=3, up=True,
-                                           resample_kernel=tuple(self.fir_kernel),
-                                           use_bias=True, kernel_init=default_init(),
-                                           precision=self.precision)(x)
+            h = self.fir_conv(x, up=True)
         return h
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """2x downsampling: avg-pool / stride-2 conv, or FIR (+ fused conv-down)."""
-
-    out_ch: int | None = None
-    with_conv: bool = False
-    fir: bool = False
-    fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
-    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x):
-        out_ch = self.out_ch if self.out_ch else x.shape[-1]
         if not self.fir:
             if self.with_conv:
-                x = conv3x3(x, out_ch, stride=2, precision=self.precision)
+                x = conv3x3(x, self.out_ch or x.shape[-1], stride=2, precision=self.precision)
             else:
                 x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
         elif not self.with_conv:
             x = up_or_down_sampling.downsample_2d(x, self.fir_kernel, factor=2)
         else:
-            x = up_or_down_sampling.Conv2d(out_ch, kernel=3, down=True,
-                                           resample_kernel=tuple(self.fir_kernel),
-                                           use_bias=True, kernel_init=default_init(),
-                                           precision=self.precision)(x)
+            x = self.fir_conv(x, down=True)
         return x
+
+
+def _conditioned_convs(block, h, temb, out_ch: int, train: bool):
+    """conv3x3 -> + Dense(act(temb)) -> act(GroupNorm) -> Dropout -> conv3x3 (init_scale): the
+    residual path shared by the NCSN++ residual blocks (`block` gives act, dropout, init_scale
+    and precision); called from within the block's compact method."""
+    p = block.precision
+    h = conv3x3(h, out_ch, precision=p)
+    if temb is not None:
+        h = h + _dense(out_ch, p)(block.act(temb))[:, None, None, :]
+    h = block.act(_group_norm(h))
+    h = layers.Dropout(block.dropout)(h, deterministic=not train)
+    return conv3x3(h, out_ch, init_scale=block.init_scale, precision=p)
 
 
 class ResnetBlockDDPMpp(nn.Module):
@@ -183,19 +195,11 @@ class ResnetBlockDDPMpp(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb=None, train: bool = True):
-        c = x.shape[-1]
-        p = self.precision
-        out_ch = self.out_ch if self.out_ch else c
-        h = self.act(_group_norm(x))
-        h = conv3x3(h, out_ch, precision=p)
-        if temb is not None:
-            h = h + _dense(out_ch, p)(self.act(temb))[:, None, None, :]
-        h = self.act(_group_norm(h))
-        h = layers.Dropout(self.dropout)(h, deterministic=not train)
-        h = conv3x3(h, out_ch, init_scale=self.init_scale, precision=p)
-        if c != out_ch:
-            x = conv3x3(x, out_ch, precision=p) if self.conv_shortcut else \
-                NIN(out_ch, precision=p)(x)
+        out_ch = self.out_ch or x.shape[-1]
+        h = _conditioned_convs(self, self.act(_group_norm(x)), temb, out_ch, train)
+        if x.shape[-1] != out_ch:  # the skip connection changes the channel count
+            x = conv3x3(x, out_ch, precision=self.precision) if self.conv_shortcut else \
+                NIN(out_ch, precision=self.precision)(x)
         return _residual_sum(x, h, self.skip_rescale)
 
 
@@ -218,32 +222,19 @@ class ResnetBlockBigGANpp(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb=None, train: bool = True):
-        c = x.shape[-1]
-        p = self.precision
-        out_ch = self.out_ch if self.out_ch else c
+        out_ch = self.out_ch or x.shape[-1]
         h = self.act(_group_norm(x))
-
-        if self.up:
+        if self.up or self.down:  # the same 2x resampling of both paths
             if self.fir:
-                h = up_or_down_sampling.upsample_2d(h, self.fir_kernel, factor=2)
-                x = up_or_down_sampling.upsample_2d(x, self.fir_kernel, factor=2)
+                resample = functools.partial(
+                    up_or_down_sampling.upsample_2d if self.up else
+                    up_or_down_sampling.downsample_2d, k=self.fir_kernel, factor=2)
             else:
-                h = up_or_down_sampling.naive_upsample_2d(h, factor=2)
-                x = up_or_down_sampling.naive_upsample_2d(x, factor=2)
-        elif self.down:
-            if self.fir:
-                h = up_or_down_sampling.downsample_2d(h, self.fir_kernel, factor=2)
-                x = up_or_down_sampling.downsample_2d(x, self.fir_kernel, factor=2)
-            else:
-                h = up_or_down_sampling.naive_downsample_2d(h, factor=2)
-                x = up_or_down_sampling.naive_downsample_2d(x, factor=2)
-
-        h = conv3x3(h, out_ch, precision=p)
-        if temb is not None:
-            h = h + _dense(out_ch, p)(self.act(temb))[:, None, None, :]
-        h = self.act(_group_norm(h))
-        h = layers.Dropout(self.dropout)(h, deterministic=not train)
-        h = conv3x3(h, out_ch, init_scale=self.init_scale, precision=p)
-        if c != out_ch or self.up or self.down:
-            x = conv1x1(x, out_ch, precision=p)
+                resample = functools.partial(
+                    up_or_down_sampling.naive_upsample_2d if self.up else
+                    up_or_down_sampling.naive_downsample_2d, factor=2)
+            h, x = resample(h), resample(x)
+        h = _conditioned_convs(self, h, temb, out_ch, train)
+        if x.shape[-1] != out_ch or self.up or self.down:
+            x = conv1x1(x, out_ch, precision=self.precision)
         return _residual_sum(x, h, self.skip_rescale)
