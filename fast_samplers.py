@@ -37,7 +37,10 @@ reports its true number of score evaluations (NFE, a Python int):
 The multistep samplers (DPM-Solver++, SDE-DPM-Solver++, UniPC) drop to order 1 at the last
 step and to at most 2 at the one before when run with fewer than LOWER_ORDER_FINAL_BELOW steps.
 `denoise=True` adds one NFE: the sample returned is x0_hat at eps (EDM's last step to
-noise level 0, DPM-Solver's `denoise_to_zero`).
+noise level 0, DPM-Solver's `denoise_to_zero`). `thresholding` 'clip' or 'dynamic' maps every
+data prediction x0_hat into the data range before it is used (`x0_thresholder`: DPM-Solver++'s
+clipping and Imagen's dynamic thresholding, Lu et al. 2022 Sec. 5; Saharia et al. 2022); at
+'none' (the default) the samplers are unchanged.
 
 They are registered as `config.sampling.method` names in `sampling` (which imports this module
 at its first sampler lookup, so the built-ins are always there), alongside 'pc' and 'ode'. A
@@ -50,6 +53,7 @@ new sampler is added the same way, from any module (docs/extending.md):
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -68,6 +72,8 @@ DEFAULT_SCHEDULES = {"ddim": "time_uniform", "dpm_solver": "logsnr", "heun": "ka
 ORDERS = {"dpm_solver": (1, 2, 3), "sde_dpm_solver": (1, 2), "unipc": (1, 2, 3),
           "ipndm": (1, 2, 3, 4)}
 UNIPC_VARIANTS = ("bh1", "bh2")
+# What happens to each data prediction x0_hat (`x0_thresholder`).
+THRESHOLDINGS = ("none", "clip", "dynamic")
 # DPM-Solver lowers the order of the final multistep updates for short runs, where they are
 # unstable (LuChengTHU/dpm-solver, `lower_order_final` with fewer than 10 steps: the last step
 # is of order 1, the one before of order at most 2). The other multistep samplers here
@@ -159,10 +165,59 @@ def _coefficients(sde: sde_lib.SDE, t: np.ndarray, grid: bool = True):
     return alpha, sigma, lam
 
 
-def _data_prediction(score_fn: ScoreFn, x, t, alpha, sigma):
-    """Tweedie's x0_hat = (x + sigma^2 score(x, t)) / alpha at one time t for the whole batch."""
+def check_thresholding(thresholding: str, percentile: float = 0.995) -> str:
+    if thresholding not in THRESHOLDINGS:
+        raise ValueError(f"Unknown x0 thresholding {thresholding!r}; valid: "
+                         f"{list(THRESHOLDINGS)}.")
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"The thresholding percentile must lie in (0, 1], got {percentile}.")
+    return thresholding
+
+
+def x0_thresholder(thresholding: str = "none", percentile: float = 0.995,
+                   data_range: tuple[float, float] | None = None,
+                   inverse_scaler: Callable | None = None) -> Callable | None:
+    """The map applied to every data prediction x0_hat [B, ...], or None for 'none'.
+
+    `data_range` (low, high) is the data's range in the model's space; None: the range that
+    the affine `inverse_scaler` maps onto [0, 1] (the project's scalers: [-1, 1] for centred
+    data, else [0, 1]), or [-1, 1] without one.
+
+    'clip': x0_hat clipped to `data_range` (the model's data range; DPM-Solver++, Lu et al.
+    2022, Sec. 5, for pixel-space models). 'dynamic': Imagen's dynamic thresholding (Saharia et
+    al. 2022, Sec. 2.3), written for a range of centre c and half-width r: with u = (x0_hat -
+    c) / r and s = max(1, the `percentile` quantile of |u| over each sample), x0_hat becomes
+    c + r clip(u, -s, s) / s. Both leave an x0_hat inside the range unchanged ('dynamic' then
+    has s = 1 and is 'clip').
+    """
+    check_thresholding(thresholding, percentile)
+    if thresholding == "none":
+        return None
+    if data_range is None and inverse_scaler is not None:
+        at0, at1 = (float(np.asarray(inverse_scaler(np.float64(v)))) for v in (0.0, 1.0))
+        data_range = sorted(((0.0 - at0) / (at1 - at0), (1.0 - at0) / (at1 - at0)))
+    lo, hi = (float(v) for v in (data_range or (-1.0, 1.0)))
+    if not lo < hi:
+        raise ValueError(f"data_range must be (low, high) with low < high, got {data_range}.")
+    if thresholding == "clip":
+        return lambda x0: jnp.clip(x0, lo, hi)
+    centre, half = (hi + lo) / 2, (hi - lo) / 2
+
+    def dynamic(x0):
+        u = (x0 - centre) / half
+        s = jnp.quantile(jnp.abs(u).reshape(u.shape[0], -1), percentile, axis=1)
+        s = jnp.maximum(s, 1.0).reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype)
+        return centre + half * jnp.clip(u, -s, s) / s
+
+    return dynamic
+
+
+def _data_prediction(score_fn: ScoreFn, x, t, alpha, sigma, x0_fn: Callable | None = None):
+    """Tweedie's x0_hat = (x + sigma^2 score(x, t)) / alpha at one time t for the whole batch,
+    passed through `x0_fn` (`x0_thresholder`) when given."""
     tb = jnp.full((x.shape[0],), t, x.dtype)
-    return (x + sigma**2 * score_fn(x, tb)) / alpha
+    x0 = (x + sigma**2 * score_fn(x, tb)) / alpha
+    return x0 if x0_fn is None else x0_fn(x0)
 
 
 def _compile(shape, start, loop, finish, sde, inverse_scaler, stochastic: bool):
@@ -199,13 +254,14 @@ def _step_orders(M: int, order: int, lower_order_final: bool) -> list[int]:
 
 
 def _multistep_sampler(sde, shape, inverse_scaler, t, a, c, noise, denoise,
-                       history: str = "data"):
+                       history: str = "data", x0_fn: Callable | None = None):
     """The loop the multistep samplers share. For step i (t_i -> t_{i+1}), with the model's
     predictions p_i, p_{i-1}, ... at the last K grid times,
     x_{i+1} = a_i x_i + c_i0 p_i + c_i1 p_{i-1} + ... + noise_i z_i.
 
     `history` 'data': p is the data prediction x0_hat; 'noise': the noise prediction
     eps_hat = (x - alpha x0_hat) / sigma (iPNDM). t [M + 1]; a, noise [M]; c [M, K].
+    x0_fn: the map of every data prediction (`x0_thresholder`), or None.
     """
     shape = tuple(int(s) for s in shape)
     alpha, sigma, _ = _coefficients(sde, t)
@@ -218,7 +274,7 @@ def _multistep_sampler(sde, shape, inverse_scaler, t, a, c, noise, denoise,
         def step(carry, xs):
             x, past = carry
             i, (t_i, alpha_i, sigma_i, a_i, c_i, noise_i) = xs
-            m = _data_prediction(score_fn, x, t_i, alpha_i, sigma_i)
+            m = _data_prediction(score_fn, x, t_i, alpha_i, sigma_i, x0_fn)
             if history == "noise":
                 m = (x - alpha_i * m) / sigma_i
             past = (m,) + past[:K - 1]
@@ -232,7 +288,8 @@ def _multistep_sampler(sde, shape, inverse_scaler, t, a, c, noise, denoise,
         return x
 
     def finish(x, score_fn):
-        return _data_prediction(score_fn, x, t[-1], alpha[-1], sigma[-1]) if denoise else x
+        return _data_prediction(score_fn, x, t[-1], alpha[-1], sigma[-1],
+                                x0_fn) if denoise else x
 
     compiled = _compile(shape, lambda x: x, loop, finish, sde, inverse_scaler, stochastic)
     nfe = len(a) + int(denoise)
@@ -259,7 +316,9 @@ def ddim_coefficients(alpha, sigma, eta: float = 0.0):
 
 def get_ddim_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Callable,
                      num_steps: int, eta: float = 0.0, schedule: str = "time_uniform",
-                     denoise: bool = False, eps: float = 1e-3, rho: float = 7.0):
+                     denoise: bool = False, eps: float = 1e-3, rho: float = 7.0,
+                     thresholding: str = "none", threshold_percentile: float = 0.995,
+                     data_range: tuple[float, float] | None = None):
     """DDIM over `num_steps` steps of `schedule` (see `time_grid`) from T to eps.
 
     Returns `sampler(rng, score_fn, z=None) -> (samples shaped `shape`, nfe)`, starting from the
@@ -268,7 +327,9 @@ def get_ddim_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Cal
     t = time_grid(sde, num_steps, eps, schedule, rho)
     alpha, sigma, _ = _coefficients(sde, t)
     a, b, noise = ddim_coefficients(alpha, sigma, float(eta))
-    return _multistep_sampler(sde, shape, inverse_scaler, t, a, b[:, None], noise, denoise)
+    return _multistep_sampler(sde, shape, inverse_scaler, t, a, b[:, None], noise, denoise,
+                              x0_fn=x0_thresholder(thresholding, threshold_percentile, data_range,
+                                                   inverse_scaler))
 
 
 def dpm_solver_coefficients(alpha, sigma, lam, order: int, lower_order_final: bool = True):
@@ -310,7 +371,9 @@ def dpm_solver_coefficients(alpha, sigma, lam, order: int, lower_order_final: bo
 def get_dpm_solver_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Callable,
                            num_steps: int, order: int = 2, schedule: str = "logsnr",
                            denoise: bool = False, eps: float = 1e-3, rho: float = 7.0,
-                           lower_order_final: bool = True):
+                           lower_order_final: bool = True,
+                           thresholding: str = "none", threshold_percentile: float = 0.995,
+                           data_range: tuple[float, float] | None = None):
     """DPM-Solver++(order)M: multistep, data prediction, `num_steps` steps of `schedule`.
 
     Returns `sampler(rng, score_fn, z=None) -> (samples shaped `shape`, nfe)`; nfe =
@@ -319,7 +382,9 @@ def get_dpm_solver_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scale
     t = time_grid(sde, num_steps, eps, schedule, rho)
     alpha, sigma, lam = _coefficients(sde, t)
     a, c = dpm_solver_coefficients(alpha, sigma, lam, int(order), lower_order_final)
-    return _multistep_sampler(sde, shape, inverse_scaler, t, a, c, np.zeros_like(a), denoise)
+    return _multistep_sampler(sde, shape, inverse_scaler, t, a, c, np.zeros_like(a), denoise,
+                              x0_fn=x0_thresholder(thresholding, threshold_percentile, data_range,
+                                                   inverse_scaler))
 
 
 def sde_dpm_solver_coefficients(alpha, sigma, lam, order: int, lower_order_final: bool = True):
@@ -354,7 +419,9 @@ def get_sde_dpm_solver_sampler(sde: sde_lib.SDE, shape: Sequence[int],
                                inverse_scaler: Callable, num_steps: int, order: int = 2,
                                schedule: str = "logsnr", denoise: bool = False,
                                eps: float = 1e-3, rho: float = 7.0,
-                               lower_order_final: bool = True):
+                               lower_order_final: bool = True,
+                               thresholding: str = "none", threshold_percentile: float = 0.995,
+                               data_range: tuple[float, float] | None = None):
     """SDE-DPM-Solver++(order; 2 = 2M), stochastic, `num_steps` steps of `schedule`.
 
     Returns `sampler(rng, score_fn, z=None) -> (samples shaped `shape`, nfe)`; nfe =
@@ -363,7 +430,9 @@ def get_sde_dpm_solver_sampler(sde: sde_lib.SDE, shape: Sequence[int],
     t = time_grid(sde, num_steps, eps, schedule, rho)
     alpha, sigma, lam = _coefficients(sde, t)
     a, c, noise = sde_dpm_solver_coefficients(alpha, sigma, lam, order, lower_order_final)
-    return _multistep_sampler(sde, shape, inverse_scaler, t, a, c, noise, denoise)
+    return _multistep_sampler(sde, shape, inverse_scaler, t, a, c, noise, denoise,
+                              x0_fn=x0_thresholder(thresholding, threshold_percentile, data_range,
+                                                   inverse_scaler))
 
 
 def _unipc_weights(r, h: float, variant: str) -> tuple[float, np.ndarray]:
@@ -437,7 +506,9 @@ def unipc_coefficients(alpha, sigma, lam, order: int, variant: str = "bh2",
 def get_unipc_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Callable,
                       num_steps: int, order: int = 2, variant: str = "bh2",
                       schedule: str = "logsnr", denoise: bool = False, eps: float = 1e-3,
-                      rho: float = 7.0, lower_order_final: bool = True):
+                      rho: float = 7.0, lower_order_final: bool = True,
+                      thresholding: str = "none", threshold_percentile: float = 0.995,
+                      data_range: tuple[float, float] | None = None):
     """UniPC-`order` with B(h) `variant` over `num_steps` steps of `schedule`: UniP predictor,
     UniC corrector after every step but the last (see `unipc_coefficients`).
 
@@ -450,7 +521,9 @@ def get_unipc_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Ca
     # Correct, then predict: x_{i+1} = a_i (x~_i + sum_k C_ik m_{i-k}) + sum_k P_ik m_{i-k}.
     c = a[:, None] * C
     c[:, :order] += P
-    return _multistep_sampler(sde, shape, inverse_scaler, t, a, c, np.zeros_like(a), denoise)
+    return _multistep_sampler(sde, shape, inverse_scaler, t, a, c, np.zeros_like(a), denoise,
+                              x0_fn=x0_thresholder(thresholding, threshold_percentile, data_range,
+                                                   inverse_scaler))
 
 
 # Adams-Bashforth's weights for equal steps, newest first (iPNDM's).
@@ -493,7 +566,9 @@ def ipndm_coefficients(levels, order: int, variable_steps: bool = False):
 def get_ipndm_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Callable,
                       num_steps: int, order: int = 4, schedule: str = "karras",
                       rho: float = 7.0, denoise: bool = False, eps: float = 1e-3,
-                      variable_steps: bool = False):
+                      variable_steps: bool = False,
+                      thresholding: str = "none", threshold_percentile: float = 0.995,
+                      data_range: tuple[float, float] | None = None):
     """iPNDM of `order` (1-4) over `num_steps` steps of `schedule` (EDM's rho schedule by
     default): one score evaluation per step, the noise predictions of the last steps reused
     (see `ipndm_coefficients`). Returns `sampler(rng, score_fn, z=None) -> (samples shaped
@@ -504,7 +579,9 @@ def get_ipndm_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Ca
     w = ipndm_coefficients(np.exp(-lam), order, variable_steps)
     # In x = alpha y: x_{i+1} = (alpha_{i+1} / alpha_i) x_i + alpha_{i+1} sum_k w_ik eps_{i-k}.
     return _multistep_sampler(sde, shape, inverse_scaler, t, alpha[1:] / alpha[:-1],
-                              alpha[1:, None] * w, np.zeros(len(w)), denoise, history="noise")
+                              alpha[1:, None] * w, np.zeros(len(w)), denoise, history="noise",
+                              x0_fn=x0_thresholder(thresholding, threshold_percentile, data_range,
+                                                   inverse_scaler))
 
 
 def heun_churn(levels, churn: float, s_tmin: float = 0.0, s_tmax: float = math.inf):
@@ -525,7 +602,9 @@ def heun_churn(levels, churn: float, s_tmin: float = 0.0, s_tmax: float = math.i
 def get_heun_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Callable,
                      num_steps: int, churn: float = 0.0, schedule: str = "karras",
                      rho: float = 7.0, denoise: bool = False, eps: float = 1e-3,
-                     s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0):
+                     s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
+                     thresholding: str = "none", threshold_percentile: float = 0.995,
+                     data_range: tuple[float, float] | None = None):
     """EDM's Heun sampler (Karras et al. 2022, Algorithm 1; Algorithm 2 with churn > 0).
 
     Integrates the probability-flow ODE in the rescaled variable y = x / alpha, whose noise
@@ -534,6 +613,7 @@ def get_heun_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Cal
     shaped `shape`, nfe)` with nfe = 2 num_steps + denoise.
     """
     shape = tuple(int(s) for s in shape)
+    x0_fn = x0_thresholder(thresholding, threshold_percentile, data_range, inverse_scaler)
     t = time_grid(sde, num_steps, eps, schedule, rho)
     alpha, sigma, lam = _coefficients(sde, t)
     level = np.exp(-lam)
@@ -556,17 +636,18 @@ def get_heun_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Cal
             if stochastic:  # churn: raise the noise level from level_i to l0 (Alg. 2, l. 5-6)
                 y = y + kick_i * jax.random.normal(jax.random.fold_in(rng, i), y.shape, y.dtype)
             # Euler step from l0 to l1 (Alg. 1, l. 4-5) ...
-            d0 = (y - _data_prediction(score_fn, a0 * y, t0, a0, s0)) / l0
+            d0 = (y - _data_prediction(score_fn, a0 * y, t0, a0, s0, x0_fn)) / l0
             y_euler = y + (l1 - l0) * d0
             # ... corrected by the trapezoidal rule (Alg. 1, l. 7-8).
-            d1 = (y_euler - _data_prediction(score_fn, a1 * y_euler, t1, a1, s1)) / l1
+            d1 = (y_euler - _data_prediction(score_fn, a1 * y_euler, t1, a1, s1, x0_fn)) / l1
             return y + (l1 - l0) * 0.5 * (d0 + d1), None
 
         y, _ = jax.lax.scan(step, y, (jnp.arange(len(t) - 1), tables))
         return alpha[-1] * y  # back to x at eps
 
     def finish(x, score_fn):
-        return _data_prediction(score_fn, x, t[-1], alpha[-1], sigma[-1]) if denoise else x
+        return _data_prediction(score_fn, x, t[-1], alpha[-1], sigma[-1],
+                                x0_fn) if denoise else x
 
     compiled = _compile(shape, lambda x: x / alpha[0], loop, finish, sde, inverse_scaler,
                         stochastic)
@@ -578,59 +659,56 @@ def get_heun_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler: Cal
     return sampler
 
 
-def _schedule(cfg, method: str) -> str:
-    schedule = cfg.get("schedule", "default")
-    return DEFAULT_SCHEDULES[method] if schedule in ("default", "", None) else schedule
+# The few-step samplers by `config.sampling.method`.
+BUILDERS = {"ddim": get_ddim_sampler, "dpm_solver": get_dpm_solver_sampler,
+            "heun": get_heun_sampler, "sde_dpm_solver": get_sde_dpm_solver_sampler,
+            "unipc": get_unipc_sampler, "ipndm": get_ipndm_sampler}
+# Builder arguments read from a config.sampling key of another name.
+_CONFIG_KEYS = {"denoise": "noise_removal", "variant": "unipc_variant",
+                "variable_steps": "ipndm_variable_steps"}
+# Builder arguments the factory supplies itself (not from config.sampling).
+_NOT_FROM_CONFIG = ("sde", "shape", "inverse_scaler", "eps", "data_range")
 
 
-@sampling.register_sampler(name="ddim")
-def _ddim_from_config(config, sde, shape, inverse_scaler, eps):
-    cfg = config.sampling
-    return get_ddim_sampler(sde, shape, inverse_scaler, cfg.get("num_steps", 20),
-                            eta=cfg.get("eta", 0.0), schedule=_schedule(cfg, "ddim"),
-                            denoise=cfg.noise_removal, eps=eps, rho=cfg.get("rho", 7.0))
+def sampler_kwargs(config, method: str) -> dict:
+    """The keyword arguments of `BUILDERS[method]` read from `config.sampling` by name.
+
+    Each argument is read from config.sampling.<argument> (`_CONFIG_KEYS` for the renamed
+    ones: denoise <- noise_removal, variant <- unipc_variant, variable_steps <-
+    ipndm_variable_steps); a key the config lacks (a config in the reference's format, an
+    older workdir's config.json) takes the project's default (`configs.project_defaults`),
+    so the default config is the one place of these defaults; an argument without a config
+    key keeps the builder's own default. schedule 'default' becomes the method's
+    `DEFAULT_SCHEDULES` entry.
+    """
+    builder = BUILDERS[method]
+    cfg, defaults, kwargs = config.sampling, None, {}
+    for name in inspect.signature(builder).parameters:
+        if name in _NOT_FROM_CONFIG:
+            continue
+        key = _CONFIG_KEYS.get(name, name)
+        if key in cfg:
+            kwargs[name] = cfg[key]
+            continue
+        if defaults is None:
+            import configs  # only here: configs' defaults need nothing of the samplers
+
+            defaults = configs.project_defaults().sampling
+        if key in defaults:
+            kwargs[name] = defaults[key]
+    if kwargs.get("schedule") in ("default", "", None):
+        kwargs["schedule"] = DEFAULT_SCHEDULES[method]
+    return kwargs
 
 
-@sampling.register_sampler(name="dpm_solver")
-def _dpm_solver_from_config(config, sde, shape, inverse_scaler, eps):
-    cfg = config.sampling
-    return get_dpm_solver_sampler(sde, shape, inverse_scaler, cfg.get("num_steps", 20),
-                                  order=cfg.get("order", 2),
-                                  schedule=_schedule(cfg, "dpm_solver"),
-                                  denoise=cfg.noise_removal, eps=eps, rho=cfg.get("rho", 7.0))
+def _register_builtin(method: str) -> None:
+    @sampling.register_sampler(name=method)
+    def factory(config, sde, shape, inverse_scaler, eps):
+        return BUILDERS[method](sde, shape, inverse_scaler, eps=eps,
+                                **sampler_kwargs(config, method))
+
+    factory.__name__ = factory.__qualname__ = f"{method}_from_config"
 
 
-@sampling.register_sampler(name="heun")
-def _heun_from_config(config, sde, shape, inverse_scaler, eps):
-    cfg = config.sampling
-    return get_heun_sampler(sde, shape, inverse_scaler, cfg.get("num_steps", 20),
-                            churn=cfg.get("churn", 0.0), schedule=_schedule(cfg, "heun"),
-                            rho=cfg.get("rho", 7.0), denoise=cfg.noise_removal, eps=eps)
-
-
-@sampling.register_sampler(name="sde_dpm_solver")
-def _sde_dpm_solver_from_config(config, sde, shape, inverse_scaler, eps):
-    cfg = config.sampling
-    return get_sde_dpm_solver_sampler(sde, shape, inverse_scaler, cfg.get("num_steps", 20),
-                                      order=cfg.get("order", 2),
-                                      schedule=_schedule(cfg, "sde_dpm_solver"),
-                                      denoise=cfg.noise_removal, eps=eps,
-                                      rho=cfg.get("rho", 7.0))
-
-
-@sampling.register_sampler(name="unipc")
-def _unipc_from_config(config, sde, shape, inverse_scaler, eps):
-    cfg = config.sampling
-    return get_unipc_sampler(sde, shape, inverse_scaler, cfg.get("num_steps", 20),
-                             order=cfg.get("order", 2), variant=cfg.get("unipc_variant", "bh2"),
-                             schedule=_schedule(cfg, "unipc"), denoise=cfg.noise_removal,
-                             eps=eps, rho=cfg.get("rho", 7.0))
-
-
-@sampling.register_sampler(name="ipndm")
-def _ipndm_from_config(config, sde, shape, inverse_scaler, eps):
-    cfg = config.sampling
-    return get_ipndm_sampler(sde, shape, inverse_scaler, cfg.get("num_steps", 20),
-                             order=cfg.get("order", 2), schedule=_schedule(cfg, "ipndm"),
-                             rho=cfg.get("rho", 7.0), denoise=cfg.noise_removal, eps=eps,
-                             variable_steps=cfg.get("ipndm_variable_steps", False))
+for _method in BUILDERS:
+    _register_builtin(_method)

@@ -86,6 +86,10 @@ def _sampling() -> ml_collections.ConfigDict:
     sampling.churn = 0.0  # 'heun': EDM's S_churn (0 = deterministic)
     sampling.unipc_variant = "bh2"  # 'unipc': B(h) = e^{-h} - 1 ('bh2') or -h ('bh1')
     sampling.ipndm_variable_steps = False  # 'ipndm': Adams-Bashforth weights for unequal steps
+    # Every data prediction of the few-step samplers: 'none' | 'clip' (to the data range) |
+    # 'dynamic' (Imagen's dynamic thresholding at the threshold_percentile quantile)
+    sampling.thresholding = "none"
+    sampling.threshold_percentile = 0.995
     return sampling
 
 

@@ -596,3 +596,144 @@ def test_bad_settings_name_the_value_and_the_choices():
         make("sde_dpm_3m", sde, 10)
     for method in ("unipc", "ipndm", "sde_dpm_solver"):
         assert method in sampling._SAMPLERS and method in fast_samplers.DEFAULT_SCHEDULES
+
+
+# ---------------------------------------------------------------------------------------------
+# Thresholding of the data prediction (DPM-Solver++'s clipping, Imagen's dynamic thresholding).
+
+DETERMINISTIC = ("ddim", "dpm_2m", "dpm_3m", "heun", "unipc_bh2_3", "ipndm_4")
+
+
+def test_x0_thresholder_numerics():
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(0.0, 1.0, (6, 5, 5, 2)) * np.array([0.3, 0.5, 1.0, 2.0, 4.0, 8.0])[
+        :, None, None, None]
+    assert fast_samplers.x0_thresholder("none") is None
+    clip = fast_samplers.x0_thresholder("clip", data_range=(-1.0, 1.0))
+    np.testing.assert_array_equal(clip(jnp.asarray(x0)), np.clip(x0, -1, 1).astype(np.float32))
+    # The data range from the project's scalers: centred data [-1, 1], else [0, 1].
+    for scaler, (lo, hi) in (((lambda x: (x + 1.0) / 2.0), (-1.0, 1.0)), (IDENTITY, (0.0, 1.0))):
+        x0_01 = x0 / 2 + 0.5 * (hi + lo)  # around the range's centre
+        got = fast_samplers.x0_thresholder("clip", inverse_scaler=scaler)(jnp.asarray(x0_01))
+        np.testing.assert_allclose(got, np.clip(x0_01, lo, hi), rtol=1e-6, atol=1e-6)
+    # Dynamic (Saharia et al. 2022): s = max(1, quantile_p |u|) per sample, u / s clipped to 1.
+    for p in (0.995, 0.9):
+        dyn = fast_samplers.x0_thresholder("dynamic", p, data_range=(0.0, 1.0))
+        x = 0.5 + 0.5 * x0
+        got = np.asarray(dyn(jnp.asarray(x, jnp.float32)), np.float64)
+        u = (x - 0.5) / 0.5
+        s = np.maximum(1.0, np.quantile(np.abs(u).reshape(6, -1), p, axis=1))[:, None, None,
+                                                                               None]
+        np.testing.assert_allclose(got, 0.5 + 0.5 * np.clip(u, -s, s) / s, rtol=1e-5, atol=1e-6)
+        assert got.min() >= 0.0 and got.max() <= 1.0
+        # A sample inside the range is left alone; one far outside keeps its shape (rescaled).
+        np.testing.assert_allclose(got[0], np.clip(x[0], 0, 1), atol=1e-6)
+        big = np.abs(u[5]) <= s[5]
+        np.testing.assert_allclose(got[5][big], 0.5 + 0.5 * u[5][big] / s[5, 0, 0, 0], rtol=1e-5,
+                                   atol=1e-6)
+    with pytest.raises(ValueError, match=r"'static'.*\['none', 'clip', 'dynamic'\]"):
+        fast_samplers.x0_thresholder("static")
+    with pytest.raises(ValueError, match=r"percentile must lie in \(0, 1\], got 99.5"):
+        fast_samplers.x0_thresholder("dynamic", 99.5)
+
+
+@pytest.mark.parametrize("kind", DETERMINISTIC)
+def test_thresholding_is_exact_when_inactive(kind):
+    # Data well inside the range [0, 1] (IDENTITY's): every data prediction of the exact score
+    # stays inside, so 'clip' and 'dynamic' change nothing and the sampler keeps its accuracy.
+    mu, s = np.array([0.5, 0.4, 0.6, 0.55]), np.array([0.05, 0.03, 0.04, 0.06])
+    data = GaussianMixture.gaussian(mu, s)
+    sde = SDES["vp"]()
+    z = np.clip(np.asarray(jax.random.normal(jax.random.key(1), (BATCH, 4)), np.float64), -3, 3)
+    with jax.enable_x64(True):
+        score_fn = data.score_fn(sde)
+        alpha, sigma = (float(v) for v in sde.marginal_coefficients(jnp.asarray(sde.T)))
+        x_T = jnp.asarray(alpha * mu + np.sqrt(alpha**2 * s**2 + sigma**2) * z)
+        plain = np.asarray(make(kind, sde, 12, denoise=True)(None, score_fn, x_T)[0])
+        for thresholding in ("clip", "dynamic"):
+            x = make(kind, sde, 12, denoise=True, thresholding=thresholding)(None, score_fn,
+                                                                             x_T)[0]
+            np.testing.assert_allclose(np.asarray(x), plain, rtol=1e-12, atol=1e-12)
+    assert np.all((plain > 0.2) & (plain < 0.8))
+
+
+@pytest.mark.parametrize("kind", DETERMINISTIC)
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_clipping_is_exact_for_data_outside_the_range(kind, name):
+    # Data at 3 +- 0.05, range [0, 1]: every data prediction is about 3 and clips to 1. With a
+    # constant x0_hat = 1 the probability-flow ODE is solved exactly by all these samplers
+    # (x_t = alpha_t + sigma_t (x_T - alpha_T) / sigma_T), so they return exactly that; the
+    # final denoising step returns the clipped prediction, 1.
+    data = GaussianMixture.gaussian(np.full(4, 3.0), np.full(4, 0.05))
+    sde = SDES[name]()
+    z = np.asarray(jax.random.normal(jax.random.key(2), (BATCH, 4)), np.float64)
+    with jax.enable_x64(True):
+        score_fn = data.score_fn(sde)
+        (a_T, s_T), (a_e, s_e) = [[float(v) for v in sde.marginal_coefficients(jnp.asarray(t))]
+                                  for t in (sde.T, sde.sampling_eps)]
+        x_T = a_T * 3.0 + np.sqrt(a_T**2 * 0.05**2 + s_T**2) * z
+        x, _ = make(kind, sde, 8, thresholding="clip")(None, score_fn, jnp.asarray(x_T))
+        np.testing.assert_allclose(np.asarray(x), a_e + s_e * (x_T - a_T) / s_T, rtol=1e-9,
+                                   atol=1e-9)
+        x, _ = make(kind, sde, 8, thresholding="clip", denoise=True)(None, score_fn,
+                                                                    jnp.asarray(x_T))
+        np.testing.assert_allclose(np.asarray(x), 1.0, rtol=1e-12)
+        # Without it the same sampler lands near the data, far outside the range.
+        x, _ = make(kind, sde, 8, denoise=True)(None, score_fn, jnp.asarray(x_T))
+        assert np.all(np.asarray(x) > 2.5)
+
+
+def test_dynamic_thresholding_keeps_the_stochastic_samplers_in_range():
+    data = GaussianMixture.gaussian(np.full(4, 3.0), np.full(4, 0.05))
+    sde = SDES["vp"]()
+    for kind in ("sde_dpm_2m",):
+        x, _ = make(kind, sde, 10, denoise=True, thresholding="dynamic")(
+            jax.random.key(3), data.score_fn(sde))
+        assert np.all((np.asarray(x) >= 0.0) & (np.asarray(x) <= 1.0))
+    x, _ = fast_samplers.get_ddim_sampler(sde, (BATCH, 4), IDENTITY, 10, eta=1.0, denoise=True,
+                                          thresholding="dynamic")(jax.random.key(3),
+                                                                  data.score_fn(sde))
+    assert np.all((np.asarray(x) >= 0.0) & (np.asarray(x) <= 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The config adapter: config.sampling is the one place of the samplers' defaults.
+
+
+@pytest.mark.parametrize("method", sorted(fast_samplers.BUILDERS))
+def test_sampler_kwargs_fill_absent_keys_from_the_project_defaults(method):
+    import configs
+
+    defaults = configs.project_defaults()
+    with defaults.unlocked():
+        defaults.sampling.method = method
+    full = fast_samplers.sampler_kwargs(defaults, method)
+    # A config in the reference's format (no few-step keys at all) gets the same arguments.
+    bare = fast_samplers.sampler_kwargs(_config(method, noise_removal=True), method)
+    assert bare == full
+    sc = defaults.sampling
+    assert full["num_steps"] == sc.num_steps and full["denoise"] == sc.noise_removal
+    assert full["thresholding"] == sc.thresholding == "none"
+    assert full["schedule"] == fast_samplers.DEFAULT_SCHEDULES[method]
+    # Every builder argument with a config key is read from it, renamed ones included.
+    renamed = {"variant": "unipc_variant", "variable_steps": "ipndm_variable_steps",
+               "denoise": "noise_removal"}
+    for arg, value in full.items():
+        if arg != "schedule":
+            assert sc[renamed.get(arg, arg)] == value, arg
+    # Builder-only arguments keep the builder's default.
+    assert not {"lower_order_final", "s_tmin", "s_tmax", "s_noise", "eps"} & set(full)
+
+
+def test_config_thresholding_reaches_the_sampler():
+    sde = SDES["vp"]()
+    data = GaussianMixture.gaussian(np.full(4, 3.0), np.full(4, 0.05))
+    config = _config("dpm_solver", num_steps=6, thresholding="dynamic",
+                     threshold_percentile=0.9, noise_removal=True)
+    x, _ = sampling.get_sampling_fn(config, sde, (BATCH, 4), IDENTITY, 1e-3)(
+        jax.random.key(0), data.score_fn(sde))
+    expected, _ = fast_samplers.get_dpm_solver_sampler(
+        sde, (BATCH, 4), IDENTITY, 6, denoise=True, thresholding="dynamic",
+        threshold_percentile=0.9)(jax.random.key(0), data.score_fn(sde))
+    np.testing.assert_array_equal(x, expected)
+    assert np.all((np.asarray(x) >= 0) & (np.asarray(x) <= 1))

@@ -5,9 +5,12 @@ Expected: recognisable Fashion-MNIST samples (sneakers, boots, trousers, bags, s
 samples/iter_3000/sample.png; measured 11 min 42 s wall clock on 2 CPU cores (README).
 
 CPU quickstart: a small DDPM++ (317,121 parameters) under the VP SDE, continuous objective,
-Euler-Maruyama sampling with 500 steps. Not a paper configuration; numbers are for a short CPU run.
-The rest of the network (ch_mult (1, 2, 2), attention at 7x7, BigGAN blocks, no FIR,
-positional embedding) and the sampler come from the Fashion-MNIST default.
+sampled with SDE-DPM-Solver++(2M) at 50 score evaluations (49 steps + the final denoising
+step): on this model the best judge FID measured, 10x fewer evaluations than Euler-Maruyama
+at 500 steps (docs/samplers.md, "Why the deterministic samplers were poor on the quickstart
+model"; Euler-Maruyama: --config.sampling.method=pc). Not a paper configuration; numbers are
+for a short CPU run. The rest of the network (ch_mult (1, 2, 2), attention at 7x7, BigGAN
+blocks, no FIR, positional embedding) comes from the Fashion-MNIST default.
 """
 
 from configs.default_fashion_mnist_configs import get_default_configs
@@ -35,8 +38,15 @@ def get_config():
     # 20-image folder with --mode=likelihood in about a minute on 2 cores.
     evaluate.bpd_num_repeats = 1
 
+    # The fastest sampler within 10% of the best judge FID measured on this model (issue 25):
+    # SDE-DPM-Solver++(2M), 50 NFE (256 samples: 10.39; Euler-Maruyama at 500 NFE 12.90).
+    sampling = config.sampling
+    sampling.method = "sde_dpm_solver"
+    sampling.num_steps = 49
+    sampling.order = 2
+
     model = config.model
-    model.num_scales = 500
+    model.num_scales = 500  # the discrete chain, and Euler-Maruyama's steps (method 'pc')
     model.nf = 16
     model.num_res_blocks = 1
     model.dropout = 0.0
