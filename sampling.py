@@ -506,13 +506,20 @@ def _builtin_sampler(name: str):
     return functools.partial(_register, _SAMPLERS, "sampling method", name=name)
 
 
+def pc_settings(config) -> dict:
+    """The PC sampler's settings in config.sampling, as keyword arguments of `get_pc_sampler`,
+    `get_pc_loop_parts` and the controllable generation samplers: predictor, corrector, snr,
+    n_steps (n_steps_each), probability_flow, denoise (noise_removal)."""
+    cfg = config.sampling
+    return dict(predictor=cfg.predictor, corrector=cfg.corrector, snr=cfg.snr,
+                n_steps=cfg.n_steps_each, probability_flow=cfg.probability_flow,
+                denoise=cfg.noise_removal)
+
+
 @_builtin_sampler("pc")
 def _pc_from_config(config, sde, shape, inverse_scaler, eps):
-    cfg = config.sampling
-    return get_pc_sampler(sde, shape, cfg.predictor, cfg.corrector, inverse_scaler,
-                          snr=cfg.snr, n_steps=cfg.n_steps_each,
-                          probability_flow=cfg.probability_flow, denoise=cfg.noise_removal,
-                          eps=eps)
+    return get_pc_sampler(sde, shape, inverse_scaler=inverse_scaler, eps=eps,
+                          **pc_settings(config))
 
 
 @_builtin_sampler("ode")

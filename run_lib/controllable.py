@@ -1,8 +1,9 @@
-"""--mode=inpaint, --mode=colorize and --mode=conditional (Song et al. 2021, Sec. 5, App. I).
+"""--mode=inpaint and --mode=colorize (Song et al. 2021, Sec. 5, App. I.2, I.3); --mode=conditional
+is `run_lib.guided` (its name stays importable here).
 
 All three are the PC sampler of config.sampling (predictor, corrector, snr, n_steps_each,
 probability_flow, noise_removal) with the SDE's sampling eps, run by
-`controllable_generation`, in resumable batches (see `run_lib.generate`). Inputs and masks come
+`controllable_generation`, in resumable batches (see `run_lib.batches`). Inputs and masks come
 from config.controllable (`run_lib.inputs`); conditional sampling loads the noise-conditional
 classifier that --mode=train_classifier trains (`run_lib.classifier`).
 
@@ -17,7 +18,6 @@ result[i * S + j] is sample j of input i (S = controllable.samples_per_input).
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
@@ -25,40 +25,26 @@ from absl import logging
 
 import controllable_generation as cg
 import datasets
-import sampling
 from evaluation import images_to_uint8
 from run_lib import files, inputs
+from run_lib.batches import Run, padded, write_grid
+from run_lib.build import pc_program
 from run_lib.checks import prepare
-from run_lib.classifier import NORMALIZATIONS, load_classifier
 from run_lib.devices import gather
-from run_lib.generate import Run, padded, write_grid
-from run_lib.steps import LoopProgram, get_score_fn
+from run_lib.guided import conditional
+
+__all__ = ["colorize", "conditional", "inpaint"]
 
 # Rows of the comparison grid: enough to see, small enough to open.
 COMPARISON_ROWS = 16
 
 
-def _pc_args(config, sde):
-    sc = config.sampling
-    return dict(predictor=sc.predictor, corrector=sc.corrector, snr=sc.snr,
-                n_steps=sc.n_steps_each, probability_flow=sc.probability_flow,
-                denoise=sc.noise_removal, eps=sde.sampling_eps)
-
-
 def _replace_program(run, make_parts, what):
     """A LoopProgram (rng, batch, (params, model_state), inputs) -> images of a replacement
-    sampler's parts `make_parts(sde, shape, ...)`."""
-    config, inverse_scaler = run.config, datasets.get_data_inverse_scaler(run.config)
+    sampler's parts `make_parts(sde, shape, ...)` with the PC settings of config.sampling."""
+    config = run.config
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-
-    def parts_of(batch):
-        return make_parts(run.sde, (batch, *shape), inverse_scaler=inverse_scaler,
-                          **_pc_args(config, run.sde))
-
-    def score_of(params, model_state):
-        return get_score_fn(config, run.sde, run.model, params, model_state, any_time=False)
-
-    return LoopProgram(parts_of, score_of, run.mesh, what)
+    return pc_program(config, run.sde, run.model, run.mesh, shape, what, make_parts)
 
 
 def _per_input_batches(run, n_inputs, per_input, produce_batch, settings, desc):
@@ -162,68 +148,3 @@ def colorize(config, workdir: str, eval_folder: str = "eval") -> str:
     logging.info("Colorized %d inputs x %d samples: %s", len(images), per_input,
                  os.path.join(run.folder, "comparison.png"))
     return run.folder
-
-
-def conditional(config, workdir: str, eval_folder: str = "eval") -> str:
-    """sample.num_samples images of the classes config.controllable.labels names (in turn),
-    guided by the noise-conditional classifier with scale controllable.scale (Eq. 14)."""
-    del eval_folder
-    config = prepare(config, "conditional", workdir)
-    c = config.controllable
-    wanted = inputs.parse_labels(c.labels, config.classifier.num_classes)
-    n = int(config.sample.num_samples)
-    labels = np.asarray([wanted[i % len(wanted)] for i in range(n)], np.int32)
-    run = Run(config, workdir, "conditional")
-    classifier, classifier_params, source = load_classifier(config, workdir, run.mesh)
-    logging.info("Classifier: %s; guidance scale %g.", source, c.scale)
-    program = _conditional_program(run, classifier)
-    b, sizes = run.batch_size, run.sizes(n)
-
-    def produce(i):
-        idx, real = padded(np.arange(n), i * b, run.computed_size(sizes[i]))
-        out = program(run.batch_key(i), len(idx),
-                      (run.state.params_ema, run.state.model_state, classifier_params,
-                       run.shard(labels[idx])))
-        return {"samples": _to_uint8(run, out, f"conditional batch {i}")[:real],
-                "labels": labels[idx][:real]}
-
-    settings = run.settings(labels=c.labels, scale=float(c.scale), classifier=source,
-                            classifier_config=config.classifier.to_dict())
-    out = run.run_batches(len(sizes), produce, settings, "conditional batches",
-                          grid_key="samples", sizes=sizes)
-    if files.is_chief():
-        files.atomic_savez(os.path.join(run.folder, "samples.npz"), samples=out["samples"],
-                           labels=out["labels"])
-        shown = out["samples"][:max(int(config.sample.grid_size), 1)]
-        files.save_image_grid(shown, os.path.join(run.folder, "samples.png"))
-        order = np.argsort(out["labels"], kind="stable")
-        per_class = math.ceil(n / len(set(wanted)))
-        files.save_image_grid(out["samples"][order], os.path.join(run.folder, "class_grid.png"),
-                              cols=per_class)
-    logging.info("Wrote %d class-conditional samples of classes %s to %s.", n,
-                 sorted(set(wanted)), os.path.join(run.folder, "samples.npz"))
-    return run.folder
-
-
-def _conditional_program(run, classifier):
-    """A LoopProgram (rng, batch, (params, model_state, classifier_params, labels)) -> images:
-    the PC sampler of the conditional score (Eq. 14); the classifier's parameters are traced,
-    not baked in."""
-    config, sde = run.config, run.sde
-    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    image_mean, image_std = NORMALIZATIONS[config.classifier.input_normalization]
-    inverse_scaler = datasets.get_data_inverse_scaler(config)
-    pc = _pc_args(config, sde)
-
-    def parts_of(batch):
-        return sampling.get_pc_loop_parts(
-            sde, (batch, *shape), pc["predictor"], pc["corrector"], inverse_scaler, pc["snr"],
-            pc["n_steps"], pc["probability_flow"], pc["denoise"], pc["eps"])
-
-    def score_of(params, model_state, classifier_params, labels):
-        score_fn = get_score_fn(config, sde, run.model, params, model_state, any_time=False)
-        return cg.get_conditional_score_fn(sde, score_fn, classifier, classifier_params, labels,
-                                           float(config.controllable.scale), image_mean,
-                                           image_std)
-
-    return LoopProgram(parts_of, score_of, run.mesh, "the classifier-guided PC sampler")

@@ -16,7 +16,6 @@ import json
 import math
 import os
 
-import jax
 import numpy as np
 from absl import logging
 
@@ -24,10 +23,11 @@ import datasets
 import ode
 import sampling
 from run_lib import encoding, files
+from run_lib.batches import Run, padded, write_grid
+from run_lib.build import get_score_fn
 from run_lib.checks import UsageError, prepare
-from run_lib.devices import gather, replicated
-from run_lib.generate import Run, padded, write_grid
-from run_lib.steps import get_score_fn
+from run_lib.devices import gather
+from run_lib.steps import program
 
 
 def to_uint8(images) -> np.ndarray:
@@ -56,11 +56,8 @@ def decode_fn(run):
         score_fn = get_score_fn(config, run.sde, run.model, params, model_state, any_time=True)
         return sampler(key, score_fn, z)[0]
 
-    if ode.is_host_method(sc.ode_method):
-        return decode
-    rep = replicated(run.mesh)
-    return jax.jit(decode, in_shardings=(rep, rep, rep, run.sharding),
-                   out_shardings=run.sharding)
+    return program(decode, run.mesh, f"the probability-flow ODE decoder ({sc.ode_method})",
+                   batch_args=1, host=ode.is_host_method(sc.ode_method))
 
 
 def decode_latents(run, z: np.ndarray, settings: dict, desc: str = "decoding batches"):

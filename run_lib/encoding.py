@@ -16,18 +16,15 @@ from __future__ import annotations
 import math
 import os
 
-import jax
 import numpy as np
 from absl import logging
 
 import datasets
-import likelihood
-import ode
 from run_lib import files, inputs
+from run_lib.batches import Run, padded, write_grid
+from run_lib.build import get_likelihood_fn
 from run_lib.checks import prepare
-from run_lib.devices import gather, replicated
-from run_lib.generate import Run, padded, write_grid
-from run_lib.steps import get_score_fn
+from run_lib.devices import gather
 
 # Where the ODE starts (the likelihood's eps, as in the reference notebook); --mode=decode
 # integrates back to the same time, so decoding inverts encoding up to the solver's tolerance.
@@ -36,21 +33,9 @@ EPS = 1e-5
 
 def encode_fn(run):
     """(key, params, model_state, x [B, H, W, C] model space) -> (bpd [B], z [B, H, W, C])."""
-    config, sc = run.config, run.config.sampling
-    likelihood_fn = likelihood.get_likelihood_fn(
-        run.sde, datasets.get_data_inverse_scaler(config), rtol=sc.ode_rtol, atol=sc.ode_atol,
-        method=sc.ode_method, eps=EPS)
-
-    def encode(key, params, model_state, x):
-        score_fn = get_score_fn(config, run.sde, run.model, params, model_state, any_time=True)
-        bpd, z, _ = likelihood_fn(key, score_fn, x)
-        return bpd, z
-
-    if ode.is_host_method(sc.ode_method):
-        return encode
-    rep = replicated(run.mesh)
-    return jax.jit(encode, in_shardings=(rep, rep, rep, run.sharding),
-                   out_shardings=(run.sharding, run.sharding))
+    return get_likelihood_fn(run.config, run.sde, run.model, run.mesh,
+                             f"the probability-flow ODE encoder ({run.config.sampling.ode_method})",
+                             eps=EPS, latents=True)
 
 
 def encode_images(run, images: np.ndarray, settings: dict, desc: str = "encoding batches"):

@@ -12,11 +12,12 @@ from absl import logging
 import datasets
 import evaluation
 from run_lib import checkpoints, files, logs
+from run_lib.build import build
 from run_lib.checks import prepare
 from run_lib.devices import make_mesh, replicated
 from run_lib.evaluators import InceptionScorer, enabled_evaluators
 from run_lib.interrupt import Interrupted, interrupted
-from run_lib.steps import build, stream
+from run_lib.steps import stream
 
 
 def evaluate(config, workdir: str, eval_folder: str = "eval") -> None:

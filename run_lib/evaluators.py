@@ -14,15 +14,12 @@ import jax
 import numpy as np
 from absl import logging
 
-import backend
 import datasets
 import evaluation
-import likelihood
-import ode
 from run_lib import files, logs
+from run_lib.build import build_step_fns, get_bpd_fn, get_sample_fn
 from run_lib.devices import batch_sharded, gather, local_part, replicated, to_global
 from run_lib.interrupt import Interrupted, interrupted
-from run_lib.steps import build_step_fns, get_sample_fn, get_score_fn
 
 
 class LossEvaluator:
@@ -62,22 +59,10 @@ class BpdEvaluator:
         self.dataset = train_ds if ec.bpd_dataset == "train" else test_ds
         # Test-set bits/dim average several passes of fresh dequantization noise.
         self.repeats = 1 if ec.bpd_dataset == "train" else int(ec.bpd_num_repeats)
-        method = config.sampling.ode_method
-        likelihood_fn = likelihood.get_likelihood_fn(
-            sde, datasets.get_data_inverse_scaler(config), rtol=config.sampling.ode_rtol,
-            atol=config.sampling.ode_atol, method=method)
-
-        def bpd_fn(key, params, model_state, x):
-            score_fn = get_score_fn(config, sde, model, params, model_state, any_time=True)
-            return likelihood_fn(key, score_fn, x)[0]
-
         self.sharding = batch_sharded(mesh)
-        bpd_fn = backend.tuned(bpd_fn)  # the backend's formulations, as steps.py's programs
-        if not ode.is_host_method(method):
-            rep = replicated(mesh)
-            bpd_fn = jax.jit(bpd_fn, in_shardings=(rep, rep, rep, self.sharding),
-                             out_shardings=self.sharding)
-        self.bpd_fn, self.scaler = bpd_fn, datasets.get_data_scaler(config)
+        # The same program as --mode=likelihood's.
+        self.bpd_fn = get_bpd_fn(config, sde, model, mesh)
+        self.scaler = datasets.get_data_scaler(config)
         self.config, self.eval_dir = config, eval_dir
 
     def run(self, state, ckpt, key):

@@ -18,8 +18,8 @@ import numpy as np
 from absl import logging
 
 from run_lib import decoding, encoding, files, inputs
+from run_lib.batches import Run
 from run_lib.checks import UsageError, prepare
-from run_lib.generate import Run
 
 
 def slerp(z0: np.ndarray, z1: np.ndarray, alphas: np.ndarray) -> np.ndarray:

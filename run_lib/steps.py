@@ -1,4 +1,7 @@
-"""The jitted, sharded programs a run executes: train step, eval loss, sampler."""
+"""The jitted, sharded programs a run executes: `program` (the one jit of a function of
+(rng, params, model_state, batch...) on the mesh), `LoopProgram` (a sampling loop in parts) and
+`stream` (named keys). The programs a config builds (train step, eval loss, sampler, bits/dim)
+are made in `run_lib.build`; their names stay importable from here."""
 
 from __future__ import annotations
 
@@ -11,12 +14,6 @@ import numpy as np
 from absl import logging
 
 import backend
-import datasets
-import losses
-import ode
-import sampling
-import sde_lib
-from models import utils as mutils
 from run_lib import logs
 from run_lib.devices import batch_sharded, replicated
 from run_lib.interrupt import Interrupted, interrupted
@@ -29,89 +26,26 @@ LOOP_CALLS = 20
 PROGRESS_SECONDS = 10.0
 
 
-def build(config):
-    """(sde, model) of a config."""
-    return sde_lib.get_sde(config), mutils.create_model(config)
+def program(fn, mesh, what: str, *, batch_args: int | None = 0, out="batch",
+            donate_argnums=(), host: bool = False):
+    """`fn` as the program a run executes on `mesh`: the one place programs are jitted.
 
-
-def get_score_fn(config, sde, model, params, model_state, any_time: bool):
-    """The EMA network as a score function for sampling or likelihoods.
-
-    `any_time=False` (PC samplers) follows the training objective's labels; `any_time=True` (the
-    probability-flow ODE, likelihoods and every other sampler, which evaluate the score at
-    arbitrary times) uses continuous-time labels whatever the objective, as the reference does
-    (yang-song/score_sde sampling.get_ode_sampler, likelihood.get_likelihood_fn): this is what
-    the paper's bits/dim protocol measures for the discrete DDPM models too.
+    fn(rng, params, model_state, *batch) with `batch_args` batch arrays: the key, parameters and
+    model state replicated, the batch arrays split over the mesh (batch_args=None: every
+    argument keeps the sharding it comes with, e.g. a sampling loop's carry). `out`: the
+    output's shardings, a pytree of "batch", "replicated" or shardings. Traced with the
+    backend's formulations and compiled with its options (`backend.jit`); announced by a log
+    line when it compiles (`logs.CompiledOnFirstCall`). host=True (a scipy ODE method, see
+    `ode.is_host_method`): `fn` runs unjitted; scipy drives the solve from the host.
     """
-    continuous = bool(config.training.continuous) or any_time
-    return mutils.get_score_fn(sde, model, params, model_state, train=False,
-                               continuous=continuous)
-
-
-def build_step_fns(config, sde, model, optimizer, mesh):
-    """The jitted, sharded train step and eval-loss function on `mesh`.
-
-    train_step(state, batch [n, B, H, W, C]) -> (state, losses [n]) with the state replicated
-    and donated, the batch split over the mesh; eval_losses(state, batch, index) -> losses [n],
-    where `index` (e.g. the eval batch number) is folded into the noise key so that every eval
-    batch draws its own t and z. Without an optimizer train_step is None.
-    """
-    rep, batches = replicated(mesh), batch_sharded(mesh, leading_axes=1)
-    tc = config.training
-    kwargs = dict(reduce_mean=tc.reduce_mean, continuous=tc.continuous,
-                  likelihood_weighting=tc.likelihood_weighting)
-    # backend.jit: traced with the backend's formulations and compiled with its options.
-    train_step = None if optimizer is None else backend.jit(
-        losses.get_step_fn(sde, model, True, optimizer, ema_rate=config.model.ema_rate,
-                           unroll=backend.unroll_steps(), **kwargs),
-        in_shardings=(rep, batches), out_shardings=(rep, rep), donate_argnums=0)
-    eval_step = losses.get_step_fn(sde, model, False, unroll=backend.unroll_steps(), **kwargs)
-
-    def eval_losses(state, batch, index):
-        state = state.replace(rng=jax.random.fold_in(state.rng, index))
-        return eval_step(state, batch)[1]
-
-    eval_losses = jax.jit(backend.tuned(eval_losses), in_shardings=(rep, batches, rep),
-                          out_shardings=rep)
-    return train_step, eval_losses
-
-
-def get_sample_fn(config, sde, model, shape, mesh):
-    """Returns sample(rng, params, model_state) -> (images in [0, 1] sharded over the batch, nfe).
-
-    Uses the sampler `config.sampling` names; jitted on the mesh unless it integrates on the
-    host (a scipy ODE method).
-    """
-    inverse_scaler = datasets.get_data_inverse_scaler(config)
-    sc = config.sampling
-    if sc.method == "pc":
-        # Algorithm 1 in parts: progress lines and Ctrl-C within a long batch.
-        def parts_of(batch):
-            return sampling.get_pc_loop_parts(
-                sde, (batch, *shape[1:]), sc.predictor, sc.corrector, inverse_scaler, sc.snr,
-                sc.n_steps_each, sc.probability_flow, sc.noise_removal, sde.sampling_eps)
-
-        program = LoopProgram(
-            parts_of, lambda params, model_state: get_score_fn(config, sde, model, params,
-                                                               model_state, any_time=False),
-            mesh, f"the PC sampler ({sc.predictor} + {sc.corrector})")
-        nfe = parts_of(shape[0]).nfe
-
-        def sample_in_parts(rng, params, model_state):
-            return program(rng, shape[0], (params, model_state)), nfe
-
-        return sample_in_parts
-    sampler = sampling.get_sampling_fn(config, sde, shape, inverse_scaler, sde.sampling_eps)
-
-    def sample(rng, params, model_state):
-        return sampler(rng, get_score_fn(config, sde, model, params, model_state, True))
-
-    if sc.method == "ode" and ode.is_host_method(sc.ode_method):
-        return backend.tuned(sample)
-    # backend.jit: traced with the backend's formulations and compiled with its options.
+    if host:
+        return backend.tuned(fn)
+    named = {"batch": batch_sharded(mesh), "replicated": replicated(mesh)}
+    out = jax.tree_util.tree_map(lambda s: named[s] if isinstance(s, str) else s, out)
+    kwargs = {} if batch_args is None else {
+        "in_shardings": (named["replicated"],) * 3 + (named["batch"],) * batch_args}
     return logs.CompiledOnFirstCall(
-        backend.jit(sample, out_shardings=(batch_sharded(mesh), replicated(mesh))),
-        f"the {sc.method} sampler (batch {shape[0]})")
+        backend.jit(fn, out_shardings=out, donate_argnums=donate_argnums, **kwargs), what)
 
 
 class LoopProgram:
@@ -141,9 +75,8 @@ class LoopProgram:
         def advance(carry, start, stop, *score_args):
             return parts.advance(carry, self.score_of(*score_args), start, stop)
 
-        advance = logs.CompiledOnFirstCall(
-            backend.jit(advance, out_shardings=shardings, donate_argnums=0),
-            f"{self.what} ({parts.num_steps} steps, batch {batch})")
+        advance = program(advance, mesh, f"{self.what} ({parts.num_steps} steps, batch {batch})",
+                          batch_args=None, out=shardings, donate_argnums=0)
         finish = jax.jit(parts.finish, out_shardings=batch_sharded(mesh))
         return init, advance, finish
 
@@ -179,3 +112,15 @@ def stream(key, name: str):
     shifts the randomness of another, and readable at the call site.
     """
     return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+_BUILT = ("build", "build_step_fns", "get_bpd_fn", "get_sample_fn", "get_score_fn")
+
+
+def __getattr__(name):
+    # run_lib.build imports this module; its names are re-exported lazily (PEP 562) so that
+    # `from run_lib.steps import build_step_fns` keeps working without an import cycle.
+    if name in _BUILT:
+        from run_lib import build
+        return getattr(build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
