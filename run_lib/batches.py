@@ -160,6 +160,8 @@ def sampler_tag(config) -> str:
             tag += f"_eta{sc.eta:g}"
         if method == "heun" and sc.churn:
             tag += f"_churn{sc.churn:g}"
+        if sc.get("thresholding", "none") != "none":
+            tag += f"_{sc.thresholding}"
         return tag
     return method
 

@@ -92,6 +92,8 @@ def _check_few_step(sc, problems):
     if sc.schedule != "default":
         problems.call("config.sampling.schedule", fast_samplers.check_schedule, sc.schedule)
     problems.check(sc.rho > 0, f"config.sampling.rho={sc.rho} must be > 0")
+    problems.call("config.sampling.thresholding", fast_samplers.check_thresholding,
+                  sc.thresholding, sc.threshold_percentile)
     if sc.method in fast_samplers.ORDERS:  # the multistep samplers
         orders = fast_samplers.ORDERS[sc.method]
         problems.check(not isinstance(sc.order, bool) and sc.order in orders,

@@ -259,6 +259,14 @@ def test_multistep_sampler_orders_and_unipc_variant_are_validated():
     with pytest.raises(run_lib.ConfigError, match=r"config.sampling.unipc_variant='bh3'; "
                                                   r"valid: \['bh1', 'bh2'\]"):
         run_lib.validate_config(config, "eval")
+    config.sampling.unipc_variant = "bh2"
+    config.sampling.thresholding = "percentile"
+    with pytest.raises(run_lib.ConfigError, match=r"config.sampling.thresholding: Unknown x0 "
+                                                  r"thresholding 'percentile'; valid: "):
+        run_lib.validate_config(config, "eval")
+    config.sampling.thresholding, config.sampling.threshold_percentile = "dynamic", 1.5
+    with pytest.raises(run_lib.ConfigError, match=r"percentile must lie in \(0, 1\], got 1.5"):
+        run_lib.validate_config(config, "eval")
 
 
 def test_few_step_sampler_settings_are_validated_then_sample_through_run_lib():
