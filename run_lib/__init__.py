@@ -3,8 +3,12 @@
 The library modules (sde_lib, losses, sampling, likelihood, controllable_generation,
 evaluation) are pure JAX; everything they leave out lives here: the device mesh and sharding
 (`devices`), checkpoints (`checkpoints`), files (`files`), logs and progress (`logs`), config
-validation (`checks`), the jitted programs (`steps`), and the loops (`training`,
-`evaluating`, `evaluators`). One code path serves one CPU, one GPU, several devices and several
+validation (`checks`), the build layer where a config becomes objects (`build`: SDE, score
+model, network, optimizer, step functions, samplers, the bits/dim program), the one jit of a
+function of (rng, params, model_state, batch...) on the mesh (`steps.program`), the one
+training loop (`loop`, which the score model (`training`) and the classifier (`classifier`)
+run as tasks), resumable batches of outputs (`batches`) and the modes (`modes`: the one list
+of them). One code path serves one CPU, one GPU, several devices and several
 hosts: the batch is sharded over a one-axis device mesh, the train state is replicated, and
 each host reads its own shard of the data.
 

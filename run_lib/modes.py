@@ -21,7 +21,7 @@ MODES = {
     "conditional": "run_lib.guided:conditional",
     "likelihood": "run_lib.bits_per_dim:likelihood_mode",
     "import": "run_lib.interop:import_checkpoint",
-    "export": "run_lib.interop:export",
+    "export": "run_lib.exporting:export",
     "data_stats": "run_lib.data_statistics:data_stats",
     "encode": "run_lib.encoding:encode",
     "decode": "run_lib.decoding:decode",
