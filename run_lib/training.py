@@ -22,16 +22,15 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-import datasets
-import losses
 from evaluation import images_to_uint8
 from models import utils as mutils
 from run_lib import checkpoints, faults, files, logs, loop, runtime
+from run_lib.build import build, build_step_fns, dataset, get_sample_fn, optimizer, scalers
 from run_lib.checks import prepare
 from run_lib.devices import batch_sharded, gather, make_mesh, replicated, to_global
 from run_lib.loop import checked_losses as _checked_losses  # noqa: F401 (the former name)
 from run_lib.loop import snapshot_index  # noqa: F401 (the former home)
-from run_lib.steps import build, build_step_fns, get_sample_fn, stream
+from run_lib.steps import stream
 
 
 class _Run(loop.Task):
@@ -99,12 +98,12 @@ def train(config, workdir: str, eval_folder: str = "eval") -> None:
     mesh, tc = make_mesh(), config.training
     sde, model = build(config)
     # The data first: a data error stops the run before anything is written in the workdir.
-    train_ds, eval_ds, source = datasets.get_dataset(
+    train_ds, eval_ds, source = dataset(
         config, uniform_dequantization=config.data.uniform_dequantization)
     train_iter = iter(train_ds)
     if getattr(source, "seekable", False):  # its state is a batch count, not buffered images
         train_iter = checkpoints.PositionIterator(
-            lambda start: datasets.get_dataset(
+            lambda start: dataset(
                 config, uniform_dequantization=config.data.uniform_dequantization,
                 start_batch=start)[0], first=train_ds)
     run = _Run(config, workdir, *checkpoints.managers(workdir, config), train_iter, None, None)
@@ -123,10 +122,9 @@ def train(config, workdir: str, eval_folder: str = "eval") -> None:
         run.sample_fn = get_sample_fn(config, sde, model, shape, mesh)
     if files.is_chief():
         run.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-    train_step, run.eval_losses = build_step_fns(config, sde, model,
-                                                 losses.get_optimizer(config), mesh)
+    train_step, run.eval_losses = build_step_fns(config, sde, model, optimizer(config), mesh)
     run.eval_iter, run.stacked = iter(eval_ds), batch_sharded(mesh, 1)
-    run.scaler = datasets.get_data_scaler(config)
+    run.scaler = scalers(config)[0]
     schedule = loop.Schedule(tc.n_iters, tc.n_jitted_steps, tc.batch_size, tc.log_freq,
                              tc.eval_freq, (tc.snapshot_freq, tc.snapshot_freq_for_preemption))
     loop.run(run, state, train_step, schedule,
