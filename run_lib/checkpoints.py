@@ -17,6 +17,7 @@ or a partial copy), or with a damaged one, is unverified and treated the same wa
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -336,7 +337,30 @@ def restore(manager, step: int, abstract):
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:
-        raise DamagedCheckpointError(f"Could not read checkpoint {folder}: {e}") from e
+        state = _restore_without_empty_fields(manager, step, abstract)
+        if state is None:
+            raise DamagedCheckpointError(f"Could not read checkpoint {folder}: {e}") from e
+        return state
+
+
+def _restore_without_empty_fields(manager, step: int, abstract):
+    """`abstract`'s state from a checkpoint written without its empty fields, or None.
+
+    The classifier's checkpoints from before it shared the score model's `State` hold
+    (step, params, opt_state, rng) only; its `params_ema` and `model_state` are empty, so they
+    are restored as the other fields' tree and filled in with {}."""
+    if not dataclasses.is_dataclass(abstract):
+        return None
+    fields = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)}
+    empty = {k for k, v in fields.items() if isinstance(v, dict) and not v}
+    if not empty:
+        return None
+    target = {k: v for k, v in fields.items() if k not in empty}
+    try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception:  # noqa: BLE001 (not that layout either: the caller reports the first error)
+        return None
+    return abstract.replace(**{k: restored[k] for k in target}, **{k: {} for k in empty})
 
 
 def restore_newest_good(manager, abstract):

@@ -115,3 +115,30 @@ def test_ctrl_c_stops_between_steps_naming_the_last_good_step(tmp_path):
     finally:
         interrupt._requested.clear()
     assert sorted(again.manager.all_steps()) == [2, 4]
+
+
+def test_a_checkpoint_written_without_the_empty_fields_resumes(tmp_path, caplog):
+    """The classifier's checkpoints from before it shared `State` hold (step, params,
+    opt_state, rng) only: they restore into `State` with empty params_ema / model_state."""
+    import flax
+
+    @flax.struct.dataclass
+    class OldClassifierState:
+        step: object
+        params: object
+        opt_state: object
+        rng: object
+
+    task = _Toy(str(tmp_path))
+    old = OldClassifierState(step=jnp.asarray(4, jnp.int32),
+                             params={"w": jnp.asarray([1.0, 2.0, 3.0])},
+                             opt_state={"m": jnp.asarray([0.5])}, rng=jax.random.PRNGKey(7))
+    checkpoints.save(task.manager, 4, old, "meta", 4)
+    abstract = jax.eval_shape(lambda: _init().replace(opt_state={"m": jnp.zeros(1)}))
+    with caplog.at_level(logging.INFO):
+        state = loop.resume(task, abstract, _init)
+    assert int(state.step) == 4 and state.params_ema == {} and state.model_state == {}
+    np.testing.assert_array_equal(state.params["w"], [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(state.opt_state["m"], [0.5])
+    np.testing.assert_array_equal(state.rng, jax.random.PRNGKey(7))
+    assert "at step 4" in caplog.text
