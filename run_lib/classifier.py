@@ -53,6 +53,7 @@ class _Task(loop.Task):
     """The classifier's part of the loop: its batches, test accuracy and summary.json."""
 
     name, title, loss_name, phase = "classifier", "the classifier", "classifier loss", "classifier"
+    loss_hint = " Lower config.classifier.lr."
 
     def __init__(self, config, folder, manager, mesh):
         self.config, self.folder, self.manager = config, folder, manager

@@ -51,6 +51,7 @@ class Task:
     name = ""  # the prefix of its log lines ("classifier step 4/6")
     title = ""  # who is resumed ("Resumed the classifier from ...")
     loss_name = "training loss"  # in the non-finite error
+    loss_hint = ""  # what to change after a non-finite loss, appended to that error
     scalar_names: dict = {}  # TensorBoard names of the step's metrics, where not their own
     phase = "meta"  # the fault-injection phase of its checkpoint (run_lib.faults)
     # Set by the subclass: the Orbax manager of its resumable checkpoints, the TensorBoard
@@ -162,14 +163,15 @@ def checked_losses(losses, step: int, task: Task) -> np.ndarray:
     if not np.all(np.isfinite(losses)):
         raise FloatingPointError(
             f"Non-finite {task.loss_name} {losses} at step {step}; stopping before any "
-            f"checkpoint is written; {task.newest_good()}.")
+            f"checkpoint is written; {task.newest_good()}.{task.loss_hint}")
     return losses
 
 
 def run(task: Task, state, train_step, schedule: Schedule, compile_what: str):
     """Trains `state` with train_step(state, batch) -> (state, metrics) to schedule.total.
 
-    `metrics`: the losses of the call ([per_call]), or a dict of them with "loss" first.
+    `metrics`: the losses of the call ([per_call]), or a dict of metrics with a "loss" key
+    (logged first).
     """
     sc, step = schedule, int(state.step)
     if step > 0:
@@ -201,8 +203,10 @@ def run(task: Task, state, train_step, schedule: Schedule, compile_what: str):
             metrics = dict(metrics, loss=checked_losses(metrics["loss"], step, task))
         if log:
             rate, eta = throughput(step)
-            # Means over the jitted steps, as the reference logs the loss.
-            means = {k: float(np.mean(v)) for k, v in metrics.items()}
+            # Means over the jitted steps, as the reference logs the loss; the loss first (a
+            # jitted step returns its dict with sorted keys).
+            means = {k: float(np.mean(metrics[k]))
+                     for k in ["loss", *sorted(set(metrics) - {"loss"})]}
             logging.info("%s/%d  %s  %.2f steps/s  %.1f img/s  ETA %s", _prefix(task, step),
                          sc.total, "  ".join(f"{k} {v:.5f}" for k, v in means.items()), rate,
                          rate * sc.batch_size, logs.fmt_eta(eta))

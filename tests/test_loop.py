@@ -3,6 +3,7 @@ evaluations and checkpoints, a resume that continues bit-exactly, the non-finite
 Ctrl-C at a safe point, each naming the last verified checkpoint."""
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,21 @@ def test_non_finite_loss_stops_before_the_save_naming_the_last_good_step(tmp_pat
                        r"step 2 in "):
         loop.run(task, _resume(task), _step, _schedule(7), "the toy step")
     assert sorted(task.manager.all_steps()) == [2]
+
+
+def test_the_loss_is_logged_first_and_the_task_hint_ends_the_non_finite_error(tmp_path, caplog):
+    @jax.jit
+    def step(state, batch):  # a dict whose other metric sorts before "loss"
+        state, metrics = _step(state, batch)
+        return state, {"accuracy": metrics["w0"], "loss": metrics["loss"]}
+
+    task = _Toy(str(tmp_path / "w"), poison_at=3)
+    task.loss_hint = " Lower the step size."
+    with caplog.at_level(logging.INFO), pytest.raises(
+            FloatingPointError, match=r"the last good state is step 2 in .*\. Lower the step "
+                                      r"size\.$"):
+        loop.run(task, _resume(task), step, _schedule(7), "the toy step")
+    assert re.search(r"toy step 2/7  loss [0-9.]+  accuracy [-0-9.]+  ", caplog.text)
 
 
 def test_ctrl_c_stops_between_steps_naming_the_last_good_step(tmp_path):
