@@ -23,17 +23,39 @@ from sde_lib import SDE, batch_mul
 OPTIMIZERS = ("adam", "adamw")
 
 
+LR_DECAYS = ("none", "cosine")
+
+
 def adam(lr: float, warmup: int = 0, beta1: float = 0.9, eps: float = 1e-8,
-         grad_clip: float = -1.0, weight_decay: float = 0.0) -> optax.GradientTransformation:
+         grad_clip: float = -1.0, weight_decay: float = 0.0, decay: str = "none",
+         decay_steps: int = 0) -> optax.GradientTransformation:
     """Adam with the reference's linear warmup and optional global-norm clipping.
 
     lr_t = lr * min(t / warmup, 1), t the number of updates already made (yang-song/score_sde
-    losses.optimization_manager). A negative `grad_clip` disables clipping; `weight_decay` > 0
-    makes it AdamW (decoupled decay), which skips the fixed parameters (Fourier features):
-    their zero gradients give zero Adam updates, but decay would still shrink them.
+    losses.optimization_manager). `decay='cosine'` (not in the reference) then anneals it to 0
+    at update `decay_steps`: lr_t *= (1 + cos(pi (t - warmup) / (decay_steps - warmup))) / 2,
+    and holds 0 after; short runs gain from ending at a small step size. A negative `grad_clip`
+    disables clipping; `weight_decay` > 0 makes it AdamW (decoupled decay), which skips the
+    fixed parameters (Fourier features): their zero gradients give zero Adam updates, but decay
+    would still shrink them.
     """
-    warmup = int(warmup)
-    schedule = (lambda count: lr * jnp.minimum(count / warmup, 1.0)) if warmup > 0 else lr
+    if decay not in LR_DECAYS:
+        raise ValueError(f"Unknown learning-rate decay {decay!r}; valid choices: "
+                         f"{list(LR_DECAYS)}.")
+    warmup, decay_steps = int(warmup), int(decay_steps)
+    if decay == "cosine" and decay_steps <= warmup:
+        raise ValueError(f"A cosine decay needs decay_steps ({decay_steps}) > warmup ({warmup}).")
+
+    def schedule(count):
+        rate = lr * jnp.minimum(count / warmup, 1.0) if warmup > 0 else lr * jnp.ones_like(
+            count, jnp.float32)
+        if decay == "cosine":
+            frac = jnp.clip((count - warmup) / (decay_steps - warmup), 0.0, 1.0)
+            rate = rate * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        return rate
+
+    if warmup <= 0 and decay == "none":
+        schedule = lr  # noqa: F811 -- a constant rate: the reference's optimizer state exactly
     if weight_decay > 0:
         opt = optax.adamw(schedule, b1=beta1, b2=0.999, eps=eps, weight_decay=weight_decay,
                           mask=layerspp.trainable_mask)
@@ -44,12 +66,15 @@ def adam(lr: float, warmup: int = 0, beta1: float = 0.9, eps: float = 1e-8,
 
 def get_optimizer(config) -> optax.GradientTransformation:
     """The score model's optimizer from config.optim.{optimizer, lr, beta1, eps, warmup,
-    grad_clip, weight_decay} (the reference's config-taking entry point)."""
+    grad_clip, weight_decay, lr_decay} (the reference's config-taking entry point); a decay
+    ends at config.training.n_iters."""
     optim = config.optim
     if optim.optimizer.lower() not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {optim.optimizer!r}; valid names: ['Adam', 'AdamW'].")
+    decay = optim.get("lr_decay", "none")
     return adam(optim.lr, warmup=optim.warmup, beta1=optim.beta1, eps=optim.eps,
-                grad_clip=optim.grad_clip, weight_decay=float(optim.get("weight_decay", 0.0)))
+                grad_clip=optim.grad_clip, weight_decay=float(optim.get("weight_decay", 0.0)),
+                decay=decay, decay_steps=config.training.n_iters if decay != "none" else 0)
 
 
 def _reduce(x, reduce_mean: bool):

@@ -68,6 +68,11 @@ ODE_TOLERANCES = {20: 1e-1, 50: 1e-2, 100: 1e-3}
 
 
 def load_config(path: str):
+    """A config file's get_config(), or a workdir's recorded config.json."""
+    if path.endswith(".json"):
+        import ml_collections
+        with open(path) as f:
+            return configs.complete(ml_collections.ConfigDict(json.load(f)))
     spec = importlib.util.spec_from_file_location("benchmark_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -239,6 +239,7 @@ def _optim() -> ml_collections.ConfigDict:
     optim.weight_decay = 0.0
     optim.warmup = 5000  # linear learning-rate warmup steps
     optim.grad_clip = 1.0  # global-norm clipping; negative disables it
+    optim.lr_decay = "none"  # 'none' (the reference) | 'cosine': to 0 at training.n_iters
     return optim
 
 

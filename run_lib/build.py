@@ -109,28 +109,35 @@ def pc_program(config, sde, model, mesh, image_shape, what: str,
     return steps.LoopProgram(parts_of, score_of or network_score, mesh, what)
 
 
-def get_sample_fn(config, sde, model, shape, mesh):
-    """Returns sample(rng, params, model_state) -> (images in [0, 1] sharded over the batch, nfe).
+def get_sample_fn(config, sde, model, shape, mesh, score_of=None, what: str = ""):
+    """Returns sample(rng, *score_args) -> (images in [0, 1] sharded over the batch, nfe).
 
     Uses the sampler `config.sampling` names; jitted on the mesh unless it integrates on the
-    host (a scipy ODE method).
+    host (a scipy ODE method). score_args: (params, model_state) of the network by default;
+    with `score_of(*score_args, any_time=...) -> score_fn`, whatever score that builds (e.g.
+    the classifier-guided score of --mode=conditional), its arguments traced, not baked in, and
+    kept with the shardings they come with. `what` names the program in the compile log line.
     """
     sc = config.sampling
+    custom = score_of is not None
+    if not custom:
+        def score_of(params, model_state, any_time):
+            return get_score_fn(config, sde, model, params, model_state, any_time=any_time)
     if sc.method == "pc":
         # Algorithm 1 in parts: progress lines and Ctrl-C within a long batch.
         program = pc_program(config, sde, model, mesh, tuple(shape[1:]),
-                             f"the PC sampler ({sc.predictor} + {sc.corrector})")
+                             what or f"the PC sampler ({sc.predictor} + {sc.corrector})",
+                             score_of=lambda *args: score_of(*args, any_time=False))
         nfe = program.parts_of(shape[0]).nfe
-        return lambda rng, params, model_state: (program(rng, shape[0], (params, model_state)),
-                                                 nfe)
+        return lambda rng, *score_args: (program(rng, shape[0], score_args), nfe)
     sampler = sampling.get_sampling_fn(config, sde, shape, datasets.get_data_inverse_scaler(config),
                                        sde.sampling_eps)
 
-    def sample(rng, params, model_state):
-        return sampler(rng, get_score_fn(config, sde, model, params, model_state, True))
+    def sample(rng, *score_args):
+        return sampler(rng, score_of(*score_args, any_time=True))
 
-    return steps.program(sample, mesh, f"the {sc.method} sampler (batch {shape[0]})",
-                         out=("batch", "replicated"),
+    return steps.program(sample, mesh, what or f"the {sc.method} sampler (batch {shape[0]})",
+                         batch_args=None if custom else 0, out=("batch", "replicated"),
                          host=sc.method == "ode" and ode.is_host_method(sc.ode_method))
 
 

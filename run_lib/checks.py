@@ -8,6 +8,7 @@ import os
 import configs
 import datasets
 import fast_samplers
+import losses
 import ode
 import sampling
 import sde_lib
@@ -154,6 +155,12 @@ def _check_training(config, problems):
                        f"objective, training.sde one of {discrete}, got {tc.sde!r}")
         problems.check(not tc.likelihood_weighting,
                        "config.training.likelihood_weighting=True needs continuous=True")
+    decay = config.optim.get("lr_decay", "none")
+    problems.check(decay in losses.LR_DECAYS,
+                   f"config.optim.lr_decay={decay!r}; valid: {list(losses.LR_DECAYS)}")
+    problems.check(decay != "cosine" or tc.n_iters > config.optim.warmup,
+                   f"config.optim.lr_decay='cosine' ends at training.n_iters={tc.n_iters}, which "
+                   f"must exceed optim.warmup={config.optim.warmup}")
     k = tc.n_jitted_steps
     problems.check(k >= 1, f"config.training.n_jitted_steps={k} must be >= 1")
     for key in ("snapshot_freq", "snapshot_freq_for_preemption", "log_freq", "eval_freq"):
@@ -168,7 +175,7 @@ GENERATION_MODES = ("sample", "inpaint", "colorize", "conditional", "likelihood"
                     "decode", "interpolate")
 # read images from config.controllable.source
 _INPUT_MODES = ("inpaint", "colorize", "likelihood", "encode", "interpolate")
-_PC_MODES = ("inpaint", "colorize", "conditional")  # always the PC sampler of config.sampling
+_PC_MODES = ("inpaint", "colorize")  # always the PC sampler of config.sampling
 
 
 def _check_generation(config, mode, problems):

@@ -1,6 +1,7 @@
 """--mode=conditional: class-conditional sampling guided by the noise-conditional classifier
-that --mode=train_classifier trains (Song et al. 2021, Sec. 5, Eq. 14, App. I.1), with the PC
-sampler of config.sampling, in resumable batches (`run_lib.batches`).
+that --mode=train_classifier trains (Song et al. 2021, Sec. 5, Eq. 14, App. I.1), with the
+sampler of config.sampling (the PC sampler for method 'pc', as in the paper; any other sampler
+on the conditional score), in resumable batches (`run_lib.batches`).
 
 Files, in <out> (config.sample.out; '' = <workdir>/conditional/ckpt_<k>): samples.npz
 ('samples' uint8, 'labels'), samples.png, class_grid.png (a row per class).
@@ -18,7 +19,7 @@ import controllable_generation as cg
 from evaluation import images_to_uint8
 from run_lib import files, inputs
 from run_lib.batches import Run, padded
-from run_lib.build import get_score_fn, pc_program
+from run_lib.build import get_sample_fn, get_score_fn
 from run_lib.checks import prepare
 from run_lib.classifier import NORMALIZATIONS, load_classifier
 from run_lib.devices import gather
@@ -66,18 +67,27 @@ def conditional(config, workdir: str, eval_folder: str = "eval") -> str:
 
 
 def _conditional_program(run, classifier):
-    """A LoopProgram (rng, batch, (params, model_state, classifier_params, labels)) -> images:
-    the PC sampler of the conditional score (Eq. 14); the classifier's parameters are traced,
-    not baked in."""
+    """program(rng, batch, (params, model_state, classifier_params, labels)) -> images: the
+    sampler of config.sampling on the conditional score (Eq. 14): the PC sampler in parts for
+    method 'pc', else that sampler in one program (the few-step samplers take any score
+    function). The classifier's parameters are traced, not baked in."""
     config, sde = run.config, run.sde
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     image_mean, image_std = NORMALIZATIONS[config.classifier.input_normalization]
 
-    def score_of(params, model_state, classifier_params, labels):
-        score_fn = get_score_fn(config, sde, run.model, params, model_state, any_time=False)
+    def score_of(params, model_state, classifier_params, labels, any_time):
+        score_fn = get_score_fn(config, sde, run.model, params, model_state, any_time=any_time)
         return cg.get_conditional_score_fn(sde, score_fn, classifier, classifier_params, labels,
                                            float(config.controllable.scale), image_mean,
                                            image_std)
 
-    return pc_program(config, sde, run.model, run.mesh, shape,
-                      "the classifier-guided PC sampler", score_of=score_of)
+    programs = {}
+
+    def program(rng, batch, score_args):
+        if batch not in programs:
+            programs[batch] = get_sample_fn(
+                config, sde, run.model, (batch, *shape), run.mesh, score_of=score_of,
+                what=f"the classifier-guided {config.sampling.method} sampler (batch {batch})")
+        return programs[batch](rng, *score_args)[0]
+
+    return program

@@ -278,6 +278,25 @@ def test_optimizer_warmup_and_clipping():
     np.testing.assert_allclose(state[0].mu["w"], 0.1 * np.asarray(grads["w"]), rtol=1e-6)
 
 
+def test_cosine_decay_follows_its_formula_and_ends_at_zero():
+    # lr_t = lr min(t / warmup, 1) (1 + cos(pi (t - warmup) / (n_iters - warmup))) / 2, t the
+    # updates already made; Adam's bias-corrected step for a constant gradient is -lr_t sign(g).
+    c = _config(lr=0.5, warmup=2, grad_clip=-1.0)
+    c.optim.lr_decay = "cosine"
+    c.training = ml_collections.ConfigDict(dict(n_iters=6))
+    opt = losses.get_optimizer(c)
+    params, grads = {"w": jnp.zeros(2)}, {"w": jnp.asarray([3.0, -2.0])}
+    state = opt.init(params)
+    for t in range(9):
+        updates, state = opt.update(grads, state, params)
+        expected = 0.5 * min(t / 2, 1.0) * (1 + np.cos(np.pi * np.clip((t - 2) / 4, 0, 1))) / 2
+        np.testing.assert_allclose(updates["w"], [-expected, expected], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="decay_steps"):
+        losses.adam(1.0, warmup=10, decay="cosine", decay_steps=10)
+    with pytest.raises(ValueError, match="valid choices"):
+        losses.adam(1.0, decay="linear")
+
+
 def test_classifier_trains_with_the_same_optimizer_factory():
     # One optimizer factory: the classifier's settings give the same updates as the score
     # model's optimizer with those settings (the reference's warm-up: lr 0 at the first update).

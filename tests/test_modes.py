@@ -242,6 +242,16 @@ def test_conditional_samples_the_requested_classes(workdir, data_dir, classifier
     with open(os.path.join(out, "batches", "settings.json")) as f:
         settings = json.load(f)
     assert settings["scale"] == 2.0 and settings["classifier"].endswith("checkpoint_6")
+    # Any other sampler of config.sampling runs on the guided score too (3 DDIM steps + the
+    # final denoising), in one program.
+    out = str(tmp_path / "conditional_ddim")
+    proc = run(main_args("conditional", workdir, data_dir, "--config.controllable.labels=5",
+                         "--config.sample.num_samples=2", "--config.sampling.method=ddim",
+                         "--config.sampling.num_steps=3", f"--config.sample.out={out}", *QUIET))
+    data = np.load(os.path.join(out, "samples.npz"))
+    assert data["samples"].shape == (2, 28, 28, 1)
+    np.testing.assert_array_equal(data["labels"], [5, 5])
+    assert "the classifier-guided ddim sampler (batch" in proc.stderr + proc.stdout
 
 
 # ---------------------------------------------------------------------------- likelihood

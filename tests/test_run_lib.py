@@ -269,6 +269,20 @@ def test_multistep_sampler_orders_and_unipc_variant_are_validated():
         run_lib.validate_config(config, "eval")
 
 
+def test_learning_rate_decay_is_validated():
+    config = tiny_test.get_config()
+    config.optim.lr_decay = "linear"
+    with pytest.raises(run_lib.ConfigError, match=r"config.optim.lr_decay='linear'; valid: "
+                                                  r"\['none', 'cosine'\]"):
+        run_lib.validate_config(config, "train")
+    config.optim.lr_decay, config.optim.warmup, config.training.n_iters = "cosine", 100, 100
+    with pytest.raises(run_lib.ConfigError, match=r"ends at training.n_iters=100, which must "
+                                                  r"exceed optim.warmup=100"):
+        run_lib.validate_config(config, "train")
+    config.training.n_iters = 101
+    run_lib.validate_config(config, "train")
+
+
 def test_few_step_sampler_settings_are_validated_then_sample_through_run_lib():
     config = tiny_test.get_config()
     config.sampling.method = "dpm_solver"
@@ -295,3 +309,20 @@ def test_few_step_sampler_settings_are_validated_then_sample_through_run_lib():
     images, nfe = sample(jax.random.key(1), params, model_state)
     assert images.shape == (2, 28, 28, 1) and int(nfe) == 3 + config.sampling.noise_removal
     assert np.all(np.isfinite(np.asarray(images)))
+    # A score built from other (traced) arguments, e.g. --mode=conditional's guided score:
+    # with the network's score scaled by 1 it draws the same images, scaled by 0 others: the
+    # factor is an input of the one compiled program, not a baked-in constant.
+    from run_lib import build
+
+    def score_of(params, model_state, factor, any_time):
+        score_fn = build.get_score_fn(config, sde, model, params, model_state, any_time)
+        return lambda x, t: factor * score_fn(x, t)
+
+    scaled = build.get_sample_fn(config, sde, model, (2, 28, 28, 1), run_lib.make_mesh(),
+                                 score_of=score_of)
+    mesh = run_lib.make_mesh()
+    one, zero = (jax.device_put(np.float32(v), run_lib.devices.replicated(mesh)) for v in (1, 0))
+    same, _ = scaled(jax.random.key(1), params, model_state, one)
+    np.testing.assert_allclose(np.asarray(same), np.asarray(images), atol=1e-6)
+    other, _ = scaled(jax.random.key(1), params, model_state, zero)
+    assert np.abs(np.asarray(other) - np.asarray(images)).max() > 1e-3
