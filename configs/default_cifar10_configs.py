@@ -167,6 +167,7 @@ def _classifier() -> ml_collections.ConfigDict:
     classifier.warmup = 1000
     classifier.weight_decay = 0.0
     classifier.grad_clip = 1.0  # negative disables it
+    classifier.lr_decay = "none"  # 'none' | 'cosine': to 0 at classifier.n_iters (optim.lr_decay)
     classifier.snapshot_freq = 10000
     classifier.log_freq = 100
     classifier.eval_freq = 2000

@@ -144,6 +144,16 @@ def _check_network(config, problems):
                         f"{config.data.num_channels}: {e}")
 
 
+def _check_decay(problems, section, name: str, iters_name: str, n_iters: int):
+    """The learning-rate decay of config.<name> (losses.adam), which ends at n_iters."""
+    decay = section.get("lr_decay", "none")
+    problems.check(decay in losses.LR_DECAYS,
+                   f"config.{name}.lr_decay={decay!r}; valid: {list(losses.LR_DECAYS)}")
+    problems.check(decay != "cosine" or n_iters > section.warmup,
+                   f"config.{name}.lr_decay='cosine' ends at {iters_name}.n_iters={n_iters}, "
+                   f"which must exceed {name}.warmup={section.warmup}")
+
+
 def _check_training(config, problems):
     tc = config.training
     if not tc.continuous:
@@ -155,12 +165,7 @@ def _check_training(config, problems):
                        f"objective, training.sde one of {discrete}, got {tc.sde!r}")
         problems.check(not tc.likelihood_weighting,
                        "config.training.likelihood_weighting=True needs continuous=True")
-    decay = config.optim.get("lr_decay", "none")
-    problems.check(decay in losses.LR_DECAYS,
-                   f"config.optim.lr_decay={decay!r}; valid: {list(losses.LR_DECAYS)}")
-    problems.check(decay != "cosine" or tc.n_iters > config.optim.warmup,
-                   f"config.optim.lr_decay='cosine' ends at training.n_iters={tc.n_iters}, which "
-                   f"must exceed optim.warmup={config.optim.warmup}")
+    _check_decay(problems, config.optim, "optim", "training", tc.n_iters)
     k = tc.n_jitted_steps
     problems.check(k >= 1, f"config.training.n_jitted_steps={k} must be >= 1")
     for key in ("snapshot_freq", "snapshot_freq_for_preemption", "log_freq", "eval_freq"):
@@ -220,6 +225,7 @@ def _check_classifier(config, problems):
                 "eval_batches", "num_classes", "blocks_per_group", "channel_multiplier"):
         problems.check(c[key] >= 1, f"config.classifier.{key}={c[key]} must be >= 1")
     problems.check(c.lr > 0, f"config.classifier.lr={c.lr} must be > 0")
+    _check_decay(problems, c, "classifier", "classifier", c.n_iters)
     problems.check(all(0.0 <= t <= 1.0 for t in c.eval_times),
                    f"config.classifier.eval_times={tuple(c.eval_times)} must lie in [0, 1]")
     normalizations = ("none", "cifar10")

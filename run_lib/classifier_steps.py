@@ -23,8 +23,10 @@ T_EPS = 1e-5
 def get_optimizer(config) -> optax.GradientTransformation:
     """The score model's optimizer (`losses.adam`) with config.classifier's settings."""
     c = config.classifier
+    decay = c.get("lr_decay", "none")
     return losses.adam(c.lr, warmup=c.warmup, grad_clip=c.grad_clip,
-                       weight_decay=float(c.weight_decay))
+                       weight_decay=float(c.weight_decay), decay=decay,
+                       decay_steps=c.n_iters if decay != "none" else 0)
 
 
 def logit_fn(config, classifier, params):

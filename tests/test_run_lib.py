@@ -281,6 +281,10 @@ def test_learning_rate_decay_is_validated():
         run_lib.validate_config(config, "train")
     config.training.n_iters = 101
     run_lib.validate_config(config, "train")
+    config.classifier.lr_decay, config.classifier.warmup = "cosine", config.classifier.n_iters
+    with pytest.raises(run_lib.ConfigError, match=r"config.classifier.lr_decay='cosine' ends at "
+                                                  r"classifier.n_iters="):
+        run_lib.validate_config(config, "train_classifier")
 
 
 def test_few_step_sampler_settings_are_validated_then_sample_through_run_lib():
