@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import score_model
 from models import layerspp
 from models import utils as mutils
 from sde_lib import SDE, batch_mul
@@ -83,20 +84,45 @@ def _reduce(x, reduce_mean: bool):
     return jnp.mean(x, axis=-1) if reduce_mean else 0.5 * jnp.sum(x, axis=-1)
 
 
+TIME_DISTRIBUTIONS = ("uniform", "lognormal")
+
+
+def sample_times(sde: SDE, rng, n: int, eps: float, distribution: str = "uniform",
+                 p_mean: float = -1.2, p_std: float = 1.2):
+    """Training times t [n] in [eps, T]: uniform (the paper, Eq. 7), or 'lognormal': EDM's
+    noise distribution (Karras et al. 2022, Sec. 5), ln(sigma / alpha) ~ N(p_mean, p_std^2),
+    mapped to t through the SDE's half log-SNR lambda = -ln(sigma / alpha) and clipped to the
+    training range. 'lognormal' trains the middle noise levels, which decide what samples look
+    like, more often than the ends (for VP, uniform t spends ~40% of the batch at t > 0.6,
+    where sigma / alpha > 6)."""
+    if distribution == "uniform":
+        return jax.random.uniform(rng, (n,), minval=eps, maxval=sde.T)
+    if distribution == "lognormal":
+        log_s = p_mean + p_std * jax.random.normal(rng, (n,))
+        return jnp.clip(sde.t_from_half_log_snr(-log_s), eps, sde.T)
+    raise ValueError(f"time distribution {distribution!r}; valid: {TIME_DISTRIBUTIONS}")
+
+
 def get_sde_loss_fn(sde: SDE, model, train: bool, reduce_mean: bool = True,
                     continuous: bool = True, likelihood_weighting: bool = True,
-                    eps: float = 1e-5):
+                    eps: float = 1e-5, parameterization: str = "eps", sigma_data: float = 0.5,
+                    time_distribution: str = "uniform", p_mean: float = -1.2,
+                    p_std: float = 1.2):
     """Continuous-time denoising score matching, Eq. 7 (the reference's signature/defaults).
 
     With likelihood weighting (the default, as in the reference) the loss is
-    ||s(x_t, t) + z / std||^2 g(t)^2; without it, ||std s(x_t, t) + z||^2 (lambda = std^2).
+    ||s(x_t, t) + z / std||^2 g(t)^2; without it, ||std s(x_t, t) + z||^2 (lambda = std^2),
+    times EDM's weight for `parameterization='edm'` (`score_model.ScoreModel.loss_weight`:
+    the loss of EDM's network output, uniform over noise levels). `time_distribution` draws t
+    (`sample_times`).
     """
+    scorer = score_model.for_sde(sde, model, continuous, parameterization=parameterization,
+                                 sigma_data=sigma_data)
 
     def loss_fn(rng, params, states, batch):
-        score_fn = mutils.get_score_fn(sde, model, params, states, train=train,
-                                       continuous=continuous, return_state=True)
+        score_fn = scorer.score_fn(params, states, train=train, return_state=True)
         t_rng, z_rng, dropout_rng = jax.random.split(rng, 3)
-        t = jax.random.uniform(t_rng, (batch.shape[0],), minval=eps, maxval=sde.T)
+        t = sample_times(sde, t_rng, batch.shape[0], eps, time_distribution, p_mean, p_std)
         z = jax.random.normal(z_rng, batch.shape)
         perturbed, _, std = sde.perturb(batch, t, z)
         score, new_states = score_fn(perturbed, t, dropout_rng)
@@ -105,6 +131,7 @@ def get_sde_loss_fn(sde: SDE, model, train: bool, reduce_mean: bool = True,
             losses = _reduce(jnp.square(score + batch_mul(1.0 / std, z)), reduce_mean) * g2
         else:
             losses = _reduce(jnp.square(batch_mul(std, score) + z), reduce_mean)
+            losses = losses * scorer.loss_weight(t)
         return jnp.mean(losses), new_states
 
     return loss_fn
@@ -150,10 +177,13 @@ _DISCRETE_LOSSES = {"smld": get_smld_loss_fn, "ddpm": get_ddpm_loss_fn}
 
 
 def get_loss_fn(sde: SDE, model, train: bool, reduce_mean: bool = False,
-                continuous: bool = True, likelihood_weighting: bool = False):
+                continuous: bool = True, likelihood_weighting: bool = False, **recipe):
+    """The objective of `continuous` (Eq. 7) or the SDE's discrete one; `recipe`: the keyword
+    arguments of `get_sde_loss_fn` beyond the reference's (parameterization, sigma_data,
+    time_distribution, p_mean, p_std), continuous only."""
     if continuous:
         return get_sde_loss_fn(sde, model, train, reduce_mean=reduce_mean, continuous=True,
-                               likelihood_weighting=likelihood_weighting)
+                               likelihood_weighting=likelihood_weighting, **recipe)
     if likelihood_weighting:
         raise ValueError("Likelihood weighting is only defined for continuous training.")
     objective = sde.discrete_objective
@@ -176,7 +206,7 @@ def ema_update(ema, new, rate: float):
 
 def get_step_fn(sde: SDE, model, train: bool, optimizer=None, reduce_mean: bool = False,
                 continuous: bool = True, likelihood_weighting: bool = False,
-                ema_rate: float = 0.999, unroll: bool = False):
+                ema_rate: float = 0.999, unroll: bool = False, **recipe):
     """Returns step_fn(state, batch) -> (state, losses) running one step per leading slice.
 
     `batch` is [n_steps, B, H, W, C]: the steps run sequentially inside one program (a
@@ -191,7 +221,7 @@ def get_step_fn(sde: SDE, model, train: bool, optimizer=None, reduce_mean: bool 
     if train and optimizer is None:
         raise ValueError("A training step needs an optimizer.")
     loss_fn = get_loss_fn(sde, model, train, reduce_mean=reduce_mean, continuous=continuous,
-                          likelihood_weighting=likelihood_weighting)
+                          likelihood_weighting=likelihood_weighting, **recipe)
 
     def one_step(state, batch):
         rng = jax.random.fold_in(state.rng, state.step)

@@ -46,6 +46,11 @@ def _training() -> ml_collections.ConfigDict:
     training.snapshot_freq_for_preemption = 10000
     training.snapshot_sampling = True  # write a sample grid at every snapshot
     training.likelihood_weighting = False
+    # Times t of the continuous objective: 'uniform' on [eps, T] (the paper) | 'lognormal':
+    # EDM's ln(sigma / alpha) ~ N(p_mean, p_std^2) (losses.sample_times).
+    training.time_distribution = "uniform"
+    training.p_mean = -1.2
+    training.p_std = 1.2
     training.n_jitted_steps = 5  # optimizer steps fused in one jitted lax.scan call
     training.reduce_mean = False  # loss: mean over pixels if True, else 0.5 * sum
     training.max_ckpts_to_keep = 0  # 0 keeps every snapshot
@@ -210,6 +215,10 @@ def _model() -> ml_collections.ConfigDict:
     model.embedding_type = "fourier"  # 'fourier' | 'positional'
     model.fourier_scale = 16
     model.scale_by_sigma = True
+    # 'eps': the paper's output conventions (score_model) | 'edm': EDM's preconditioning and
+    # loss weight against the marginal (continuous only; sigma_data: the data's std).
+    model.parameterization = "eps"
+    model.sigma_data = 0.5
     model.ema_rate = 0.999
     model.normalization = "GroupNorm"
     model.nonlinearity = "swish"

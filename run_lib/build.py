@@ -56,7 +56,26 @@ def get_score_fn(config, sde, model, params, model_state, any_time: bool):
     the paper's bits/dim protocol measures for the discrete DDPM models too.
     """
     continuous = bool(config.training.continuous) or any_time
-    return score_model.for_sde(sde, model, continuous).score_fn(params, model_state)
+    return score_model.for_sde(sde, model, continuous, **score_kwargs(config)).score_fn(
+        params, model_state)
+
+
+def score_kwargs(config) -> dict:
+    """`score_model.for_sde`'s keyword arguments from config.model (the output convention)."""
+    return dict(parameterization=config.model.get("parameterization", "eps"),
+                sigma_data=float(config.model.get("sigma_data", 0.5)))
+
+
+def loss_recipe(config) -> dict:
+    """`losses.get_sde_loss_fn`'s keyword arguments beyond the reference's, from the config:
+    the output convention and the distribution of training times; {} when all are the paper's
+    (so the discrete objectives, which take none, stay reachable)."""
+    tc = config.training
+    recipe = dict(score_kwargs(config), time_distribution=tc.get("time_distribution", "uniform"),
+                  p_mean=float(tc.get("p_mean", -1.2)), p_std=float(tc.get("p_std", 1.2)))
+    if recipe["parameterization"] == "eps" and recipe["time_distribution"] == "uniform":
+        return {}
+    return recipe
 
 
 def build_step_fns(config, sde, model, optimizer, mesh):
@@ -70,7 +89,7 @@ def build_step_fns(config, sde, model, optimizer, mesh):
     rep, batches = replicated(mesh), batch_sharded(mesh, leading_axes=1)
     tc = config.training
     kwargs = dict(reduce_mean=tc.reduce_mean, continuous=tc.continuous,
-                  likelihood_weighting=tc.likelihood_weighting)
+                  likelihood_weighting=tc.likelihood_weighting, **loss_recipe(config))
     # backend.jit: traced with the backend's formulations and compiled with its options.
     train_step = None if optimizer is None else backend.jit(
         losses.get_step_fn(sde, model, True, optimizer, ema_rate=config.model.ema_rate,

@@ -11,6 +11,7 @@ import fast_samplers
 import losses
 import ode
 import sampling
+import score_model
 import sde_lib
 from configs import plugins
 from models import precision
@@ -166,6 +167,28 @@ def _check_training(config, problems):
         problems.check(not tc.likelihood_weighting,
                        "config.training.likelihood_weighting=True needs continuous=True")
     _check_decay(problems, config.optim, "optim", "training", tc.n_iters)
+    m = config.model
+    param = m.get("parameterization", "eps")
+    problems.check(param in score_model.PARAMETERIZATIONS,
+                   f"config.model.parameterization={param!r}; valid: "
+                   f"{list(score_model.PARAMETERIZATIONS)}")
+    dist = tc.get("time_distribution", "uniform")
+    problems.check(dist in losses.TIME_DISTRIBUTIONS,
+                   f"config.training.time_distribution={dist!r}; valid: "
+                   f"{list(losses.TIME_DISTRIBUTIONS)}")
+    if param == "edm":
+        problems.check(tc.continuous, "config.model.parameterization='edm' needs "
+                       "config.training.continuous=True")
+        problems.check(float(m.get("sigma_data", 0.5)) > 0,
+                       f"config.model.sigma_data={m.get('sigma_data')} must be > 0")
+        problems.check(not m.get("scale_by_sigma", False),
+                       "config.model.parameterization='edm' preconditions the network itself: "
+                       "set config.model.scale_by_sigma=False")
+    if dist != "uniform":
+        problems.check(tc.continuous, f"config.training.time_distribution={dist!r} needs "
+                       "config.training.continuous=True")
+        problems.check(float(tc.get("p_std", 1.2)) > 0,
+                       f"config.training.p_std={tc.get('p_std')} must be > 0")
     k = tc.n_jitted_steps
     problems.check(k >= 1, f"config.training.n_jitted_steps={k} must be >= 1")
     for key in ("snapshot_freq", "snapshot_freq_for_preemption", "log_freq", "eval_freq"):

@@ -43,6 +43,11 @@ def export(config, workdir: str, eval_folder: str = "eval") -> str:
     fmt = str(config.pretrained.format)
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"config.pretrained.format={fmt!r}; valid: {list(EXPORT_FORMATS)}")
+    param = config.model.get("parameterization", "eps")
+    if param != "eps":
+        raise UsageError(f"config.model.parameterization={param!r}: the PyTorch formats "
+                         f"{list(EXPORT_FORMATS)} hold the paper's output convention only "
+                         "('eps'); nothing was written.")
     files.check_workdir(workdir, must_exist=True)
     out = str(config.pretrained.out) or os.path.join(workdir, fmt)
     snapshots, _ = checkpoints.managers(workdir, config, create=False)
