@@ -172,6 +172,7 @@ def _classifier() -> ml_collections.ConfigDict:
     classifier.warmup = 1000
     classifier.weight_decay = 0.0
     classifier.grad_clip = 1.0  # negative disables it
+    classifier.label_smoothing = 0.0  # a in targets (1 - a) one-hot + a / num_classes
     classifier.lr_decay = "none"  # 'none' | 'cosine': to 0 at classifier.n_iters (optim.lr_decay)
     classifier.snapshot_freq = 10000
     classifier.log_freq = 100

@@ -249,6 +249,9 @@ def _check_classifier(config, problems):
         problems.check(c[key] >= 1, f"config.classifier.{key}={c[key]} must be >= 1")
     problems.check(c.lr > 0, f"config.classifier.lr={c.lr} must be > 0")
     _check_decay(problems, c, "classifier", "classifier", c.n_iters)
+    smoothing = c.get("label_smoothing", 0.0)
+    problems.check(0.0 <= smoothing < 1.0,
+                   f"config.classifier.label_smoothing={smoothing} must lie in [0, 1)")
     problems.check(all(0.0 <= t <= 1.0 for t in c.eval_times),
                    f"config.classifier.eval_times={tuple(c.eval_times)} must lie in [0, 1]")
     normalizations = ("none", "cifar10")

@@ -29,6 +29,15 @@ def get_optimizer(config) -> optax.GradientTransformation:
                        decay_steps=c.n_iters if decay != "none" else 0)
 
 
+def cross_entropy(logits, labels, smoothing: float = 0.0):
+    """Per-example cross-entropy [B] of logits [B, K] against integer labels [B], with label
+    smoothing (Szegedy et al. 2016): targets (1 - a) one-hot + a / K. Smoothing bounds the
+    logits' scale, and so the guidance gradient, on images whose noise leaves the class
+    undecidable (high t)."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
 def logit_fn(config, classifier, params):
     """logits(x [B, H, W, C] in model space, noise_scale [B]) -> [B, num_classes]."""
     mean, std = NORMALIZATIONS[config.classifier.input_normalization]
@@ -71,6 +80,7 @@ def programs(config, sde, mesh):
     optimizer = get_optimizer(config)
     scaler = datasets.get_data_scaler(config)
     flip = bool(config.data.random_flip)
+    smoothing = float(config.classifier.get("label_smoothing", 0.0))
     rep, batch = replicated(mesh), batch_sharded(mesh)
 
     def train_step(state, data):
@@ -85,8 +95,7 @@ def programs(config, sde, mesh):
 
         def loss_fn(params):
             logits = logit_fn(config, classifier, params)(xt, std)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            return jnp.mean(loss), logits
+            return jnp.mean(cross_entropy(logits, labels, smoothing)), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

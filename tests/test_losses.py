@@ -314,6 +314,19 @@ def test_classifier_trains_with_the_same_optimizer_factory():
         np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_classifier_cross_entropy_with_label_smoothing(smoothing):
+    from run_lib import classifier_steps
+
+    logits = jax.random.normal(jax.random.PRNGKey(0), (6, 10)) * 3.0
+    labels = jnp.arange(6) % 10
+    logp = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    targets = np.full((6, 10), smoothing / 10)
+    targets[np.arange(6), np.asarray(labels)] += 1.0 - smoothing
+    np.testing.assert_allclose(classifier_steps.cross_entropy(logits, labels, smoothing),
+                               -(targets * logp).sum(-1), rtol=1e-5)
+
+
 def test_unknown_optimizer_is_refused():
     c = _config()
     c.optim.optimizer = "sgdx"

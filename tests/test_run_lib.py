@@ -285,6 +285,10 @@ def test_learning_rate_decay_is_validated():
     with pytest.raises(run_lib.ConfigError, match=r"config.classifier.lr_decay='cosine' ends at "
                                                   r"classifier.n_iters="):
         run_lib.validate_config(config, "train_classifier")
+    config.classifier.lr_decay, config.classifier.label_smoothing = "none", 1.0
+    with pytest.raises(run_lib.ConfigError, match=r"config.classifier.label_smoothing=1.0 must "
+                                                  r"lie in \[0, 1\)"):
+        run_lib.validate_config(config, "train_classifier")
 
 
 def test_few_step_sampler_settings_are_validated_then_sample_through_run_lib():
