@@ -46,6 +46,7 @@ flags.DEFINE_list("scales", ["1.0"], "Guidance scales to measure.")
 flags.DEFINE_integer("num_inputs", 200, "Test images to inpaint (and unconditional samples).")
 flags.DEFINE_integer("batch_size", 100, "Images per batch (config.eval.batch_size).")
 flags.DEFINE_string("pictures", "", "Folder for the README pictures ('' = none).")
+flags.DEFINE_bool("inpainting", True, "Also measure inpainting (b); --noinpainting: (a) only.")
 flags.DEFINE_string("judge", judge.JUDGE_PATH, "The judge's weights (.npz).")
 flags.mark_flag_as_required("workdir")
 
@@ -128,8 +129,13 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     run_lib.logs.install_filter()
     params = judge.load(FLAGS.judge)
-    results = {"conditional": [conditional_rates(params, s) for s in FLAGS.scales],
-               "inpainting": inpainting_rates(params), "load": os.getloadavg()}
+    results = {"conditional": []}
+    for scale in FLAGS.scales:
+        results["conditional"].append(conditional_rates(params, scale))
+        print(f"scale {scale}: recognised {results['conditional'][-1]['mean']:.1%} "
+              f"({results['conditional'][-1]['seconds']:.0f} s)", flush=True)
+    results["inpainting"] = inpainting_rates(params) if FLAGS.inpainting else None
+    results["load"] = os.getloadavg()
     with open(os.path.join(FLAGS.workdir, "controllable_quality.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("\n| guidance scale | " + " | ".join(judge.CLASSES) + " | mean |")
@@ -138,6 +144,9 @@ def main(argv):
         print(f"| {r['scale']:g} | " + " | ".join(f"{v:.0%}" for v in r["per_class"].values())
               + f" | **{r['mean']:.1%}** |")
     i = results["inpainting"]
+    if i is None:
+        print(f"Load average during the run: {results['load']}")
+        return
     print(f"\nInpainting the lower half of {i['num_inputs']} test images: the judge gives the "
           f"true class to {i['inpainted']:.1%} of the inpainted images; originals "
           f"{i['original']:.1%}, masked inputs {i['masked']:.1%}, unconditional samples "

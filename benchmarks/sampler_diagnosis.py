@@ -85,9 +85,14 @@ def main():
     parser.add_argument("--judge", default=sq.judge.JUDGE_PATH)
     parser.add_argument("--inception_weights", default="")
     parser.add_argument("--out", required=True, help="path without extension")
+    parser.add_argument("--params", default="ema", choices=("ema", "raw"),
+                        help="sample with the EMA of the parameters (as every mode does) or "
+                             "the optimizer's last iterate (to measure what the EMA adds)")
     args = parser.parse_args()
 
     config, state = sq.restore(args)
+    if args.params == "raw":
+        state = state.replace(params_ema=state.params)
     score, _ = sq.scorer(args)
     test = sq.read_split(args.data_dir, "t10k")
     limit = np.percentile(roughness(test), SPECKLE_PERCENTILE)

@@ -1,7 +1,7 @@
 """Sample quality against the number of score evaluations (NFE), for every sampler.
 
     JAX_PLATFORMS=cpu python benchmarks/sampler_quality.py [WORKDIR] [--ckpt 2] \
-        [--config configs/vp/fashion_mnist_ddpmpp_quickstart.py] [--num_samples 1000] \
+        [--config configs/vp/fashion_mnist_ddpmpp_quickstart.py] [--num_samples 512] [--seeds 0,1] \
         [--nfes 5,10,20,50,100] [--samplers em,pc,ode,ddim,dpm_2m,dpm_3m,heun,unipc_bh1] \
         [--runs dpm_2m@20,em@500,...] --data_dir FASHION_MNIST_IDX_FOLDER
 
@@ -15,7 +15,9 @@ markdown table of
   (`evaluation.judge`) between the samples and the 10,000 test images (lower is better);
 - Inception FID against the test set when pytorch-fid's Inception weights are present
   (--inception_weights or the cache; never downloaded here);
-- seconds per batch of `batch` images, compilation excluded (the first batch is timed apart).
+- seconds per `num_samples` images (batches of `batch`), compilation excluded (the first
+  batch is timed apart);
+each row once per seed in `--seeds` (two by default: the mean and each value).
 It also prints the judge FID of `num_samples` real training images: the floor that finite
 sample size leaves. Samplers: 'em' (Euler-Maruyama, N = NFE), 'pc' (reverse diffusion +
 Langevin, N = NFE / 2), 'ode' (probability-flow ODE, dopri5, tolerances chosen per budget),
@@ -182,15 +184,16 @@ def plot(rows, path: str):
     fig.savefig(path, dpi=110)
 
 
-def table(rows, inception: bool) -> str:
-    head = "| sampler | NFE | judge FID |" + (" Inception FID |" if inception else "") + \
-        " s / batch |"
+def table(rows, inception: bool, num_samples: int) -> str:
+    head = ("| sampler | NFE | judge FID, mean of seeds | per seed |"
+            + (" Inception FID |" if inception else "") + f" s / {num_samples} samples |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     order = ("data",) + SAMPLERS
     for r in sorted(rows, key=lambda r: (order.index(r["sampler"]), r["nfe"])):
         inc = f" {r['inception_fid']:.2f} |" if inception else ""
-        lines.append(f"| {r['label']} | {r['nfe']:.0f} | {r['judge_fid']:.2f} |{inc} "
-                     f"{r['seconds_per_batch']:.2f} |")
+        seeds = ", ".join(f"{v:.2f}" for v in r.get("judge_fids", [r["judge_fid"]]))
+        lines.append(f"| {r['label']} | {r['nfe']:.0f} | {r['judge_fid']:.2f} | {seeds} |{inc} "
+                     f"{r.get('seconds_per_samples', 0.0):.1f} |")
     return "\n".join(lines)
 
 
@@ -237,8 +240,10 @@ def parse_args():
     parser.add_argument("--ckpt", type=int, default=2)
     parser.add_argument("--data_dir", required=True,
                         help="folder with the Fashion-MNIST IDX files (train-*, t10k-*)")
-    parser.add_argument("--num_samples", type=int, default=500)
-    parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--num_samples", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seeds", default="0,1", help="offsets added to config.seed; each "
+                        "row is measured once per seed and reports the mean and each value")
     parser.add_argument("--nfes", default="5,10,20,50,100")
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
     parser.add_argument("--defaults", default="em,pc", help="samplers also run at N = 500")
@@ -291,36 +296,48 @@ def main():
     config, state = restore(args)
     denoise = bool(config.sampling.noise_removal)
     score, with_inception = scorer(args)
+    seeds = [int(config.seed) + int(v) for v in args.seeds.split(",")]
     meta = {"workdir": os.path.abspath(args.workdir), "ckpt": args.ckpt,
-            "num_samples": args.num_samples, "seed": int(config.seed)}
+            "num_samples": args.num_samples, "seeds": seeds}
     done = load_rows(args.out + ".json", meta)
     train = read_split(args.data_dir, "train")
     pick = np.random.default_rng(0).choice(len(train), args.num_samples, replace=False)
     rows = [{"sampler": "data", "label": f"real training images ({args.num_samples})",
              "budget": 0, "nfe": 0, "seconds_per_batch": 0.0, **score(train[pick])}]
+    batches = -(-args.num_samples // args.batch)
     for name, budget in planned_runs(args):
         key = f"{name}@{budget}"
         if key in done:  # measured by an earlier (interrupted) run of this benchmark
             rows.append(done[key])
             continue
         settings = sampler_settings(name, budget, denoise)
+        scores, per_batches, firsts = [], [], []
         try:
-            images, nfe, first, per_batch = draw(with_settings(config, settings), state,
-                                                 args.num_samples, args.batch, config.seed)
+            for seed in seeds:
+                images, nfe, first, per_batch = draw(with_settings(config, settings), state,
+                                                     args.num_samples, args.batch, seed)
+                scores.append(score(images))
+                per_batches.append(per_batch)
+                firsts.append(first)
         except FloatingPointError as e:
             print(f"{name} budget {budget}: skipped, {e}", flush=True)
             continue
+        mean = {k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]}
+        per_batch = float(np.mean(per_batches))
         row = {"sampler": name, "label": LABELS[name], "budget": budget, "nfe": nfe,
-               "settings": settings, "compile_and_first_batch_s": first,
+               "settings": settings, "compile_and_first_batch_s": firsts[0],
                "seconds_per_batch": per_batch, "batch": args.batch,
-               "load_average": os.getloadavg()[0], **score(images)}
+               "seconds_per_samples": per_batch * batches,
+               "judge_fids": [sc["judge_fid"] for sc in scores],
+               "load_average": os.getloadavg()[0], **mean}
         rows.append(row)
         save_rows(args.out + ".json", meta, rows)
-        print(f"{name:7s} budget {budget:4d} NFE {nfe:6.1f} judge FID {row['judge_fid']:8.2f} "
-              f"{per_batch:7.2f} s/batch (first {first:.1f} s) load "
-              f"{row['load_average']:.1f}", flush=True)
+        print(f"{name:10s} budget {budget:4d} NFE {nfe:6.1f} judge FID {row['judge_fid']:8.2f} "
+              f"({', '.join(f'{v:.2f}' for v in row['judge_fids'])}) "
+              f"{row['seconds_per_samples']:7.1f} s / {args.num_samples} samples (first batch "
+              f"{firsts[0]:.1f} s) load {row['load_average']:.1f}", flush=True)
 
-    md = table(rows, with_inception)
+    md = table(rows, with_inception, args.num_samples)
     print(md)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".md", "w") as f:
