@@ -107,14 +107,14 @@ def get_sde_loss_fn(sde: SDE, model, train: bool, reduce_mean: bool = True,
                     continuous: bool = True, likelihood_weighting: bool = True,
                     eps: float = 1e-5, parameterization: str = "eps", sigma_data: float = 0.5,
                     time_distribution: str = "uniform", p_mean: float = -1.2,
-                    p_std: float = 1.2):
+                    p_std: float = 1.2, edm_weight: bool = True):
     """Continuous-time denoising score matching, Eq. 7 (the reference's signature/defaults).
 
     With likelihood weighting (the default, as in the reference) the loss is
     ||s(x_t, t) + z / std||^2 g(t)^2; without it, ||std s(x_t, t) + z||^2 (lambda = std^2),
-    times EDM's weight for `parameterization='edm'` (`score_model.ScoreModel.loss_weight`:
-    the loss of EDM's network output, uniform over noise levels). `time_distribution` draws t
-    (`sample_times`).
+    times EDM's weight for `parameterization='edm'` unless `edm_weight=False`
+    (`score_model.ScoreModel.loss_weight`: the loss of EDM's network output, uniform over noise
+    levels). `time_distribution` draws t (`sample_times`).
     """
     scorer = score_model.for_sde(sde, model, continuous, parameterization=parameterization,
                                  sigma_data=sigma_data)
@@ -131,7 +131,8 @@ def get_sde_loss_fn(sde: SDE, model, train: bool, reduce_mean: bool = True,
             losses = _reduce(jnp.square(score + batch_mul(1.0 / std, z)), reduce_mean) * g2
         else:
             losses = _reduce(jnp.square(batch_mul(std, score) + z), reduce_mean)
-            losses = losses * scorer.loss_weight(t)
+            if edm_weight:
+                losses = losses * scorer.loss_weight(t)
         return jnp.mean(losses), new_states
 
     return loss_fn

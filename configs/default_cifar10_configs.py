@@ -51,6 +51,8 @@ def _training() -> ml_collections.ConfigDict:
     training.time_distribution = "uniform"
     training.p_mean = -1.2
     training.p_std = 1.2
+    # With model.parameterization='edm': EDM's loss weight (True) or the paper's lambda = std^2.
+    training.edm_weight = True
     training.n_jitted_steps = 5  # optimizer steps fused in one jitted lax.scan call
     training.reduce_mean = False  # loss: mean over pixels if True, else 0.5 * sum
     training.max_ckpts_to_keep = 0  # 0 keeps every snapshot

@@ -72,7 +72,8 @@ def loss_recipe(config) -> dict:
     (so the discrete objectives, which take none, stay reachable)."""
     tc = config.training
     recipe = dict(score_kwargs(config), time_distribution=tc.get("time_distribution", "uniform"),
-                  p_mean=float(tc.get("p_mean", -1.2)), p_std=float(tc.get("p_std", 1.2)))
+                  p_mean=float(tc.get("p_mean", -1.2)), p_std=float(tc.get("p_std", 1.2)),
+                  edm_weight=bool(tc.get("edm_weight", True)))
     if recipe["parameterization"] == "eps" and recipe["time_distribution"] == "uniform":
         return {}
     return recipe

@@ -123,6 +123,20 @@ def test_edm_loss_at_exact_score_matches_closed_form(name, distribution):
     assert perturbed > got + 4 * se
 
 
+def test_edm_without_its_weight_is_the_papers_noise_prediction_loss():
+    # edm_weight=False: lambda = std^2 (Eq. 7) on the EDM-preconditioned score; at the exact
+    # score that is the closed form of test_losses.
+    from tests.test_losses import _closed_form_dsm
+
+    sde = SDES["vp"]()
+    loss_fn = losses.get_sde_loss_fn(sde, ExactEDMNet(sde), train=False, reduce_mean=True,
+                                     likelihood_weighting=False, parameterization="edm",
+                                     sigma_data=SIGMA_DATA, edm_weight=False)
+    got, se = _mean_loss(loss_fn, {"scale": jnp.asarray(1.0)})
+    want = _closed_form_dsm(sde, likelihood_weighting=False)
+    assert abs(got - want) < max(4 * se, 0.01 * want), (got, want, se)
+
+
 @pytest.mark.parametrize("name", list(SDES))
 def test_lognormal_times_follow_edms_noise_distribution(name):
     sde = SDES[name]()
@@ -187,7 +201,7 @@ def test_config_keys_reach_the_loss_and_the_score():
     config.training.time_distribution = "lognormal"
     recipe = build.loss_recipe(config)
     assert recipe == dict(parameterization="edm", sigma_data=0.5, time_distribution="lognormal",
-                          p_mean=-1.2, p_std=1.2)
+                          p_mean=-1.2, p_std=1.2, edm_weight=True)
     assert build.score_kwargs(config) == dict(parameterization="edm", sigma_data=0.5)
 
 

@@ -58,12 +58,20 @@ def get_config():
 
     # The classifier of class-conditional sampling (the default's WRN-10-2), trained in minutes:
     # python main.py --mode=train_classifier --config=<this file> --workdir=<the same workdir>
+    # 3,000 steps with a cosine decay and label smoothing 0.1: 84% accurate on clean images,
+    # 57% at t = 0.5 (docs/modes.md).
     classifier = config.classifier
-    classifier.n_iters = 2000
+    classifier.n_iters = 3000
     classifier.lr = 2e-3
+    classifier.lr_decay = "cosine"
+    classifier.label_smoothing = 0.1
     classifier.warmup = 100
     classifier.snapshot_freq = 500
     classifier.eval_freq = 500
     classifier.eval_batches = 8
+    # Guidance scale of --mode=conditional, chosen by measurement (issue 25): the independent
+    # judge recognises the requested class in 85% of samples at scale 4, 91% at 8 and 94.5% at
+    # 16 (200 samples each); the paper's scale is 1.
+    config.controllable.scale = 8.0
 
     return config
