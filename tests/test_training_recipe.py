@@ -195,7 +195,7 @@ def _quickstart():
 
 
 def test_config_keys_reach_the_loss_and_the_score():
-    config = _quickstart()
+    config = _load("vp.cifar10_ddpmpp_continuous")
     assert build.loss_recipe(config) == {}  # the paper's: the reference's loss signature
     config.model.parameterization = "edm"
     config.training.time_distribution = "lognormal"
@@ -203,6 +203,10 @@ def test_config_keys_reach_the_loss_and_the_score():
     assert recipe == dict(parameterization="edm", sigma_data=0.5, time_distribution="lognormal",
                           p_mean=-1.2, p_std=1.2, edm_weight=True)
     assert build.score_kwargs(config) == dict(parameterization="edm", sigma_data=0.5)
+    # The quickstart's recipe (docs/samplers.md, "The training recipe").
+    assert build.loss_recipe(_quickstart()) == dict(
+        parameterization="edm", sigma_data=0.5, time_distribution="uniform", p_mean=-1.2,
+        p_std=1.2, edm_weight=False)
 
 
 @pytest.mark.parametrize("key,value,needle", [
