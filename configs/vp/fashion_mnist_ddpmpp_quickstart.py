@@ -2,15 +2,16 @@
 --workdir=workdir/quickstart
 
 Expected: recognisable Fashion-MNIST samples (sneakers, boots, trousers, bags, shirts) in
-samples/iter_3600/sample.png in about 10-13 minutes on 2 CPU cores (README).
+samples/iter_3600/sample.png; measured 13 min 28 s on 2 CPU cores (README).
 
 CPU quickstart: a small DDPM++ (317,121 parameters) under the VP SDE, continuous objective,
 with EDM's preconditioning (the network's data prediction stays bounded at high noise) under
 the paper's loss weight and a cosine learning-rate decay: the recipe measured best in
 docs/samplers.md ("The training recipe"). Sampled with SDE-DPM-Solver++(2M) at 20 score
 evaluations (19 steps + the final denoising step), 25x fewer than Euler-Maruyama at 500 steps
-(--config.sampling.method=pc). Not a paper configuration; numbers are for a short CPU run. The rest of the network (ch_mult (1, 2, 2), attention at 7x7, BigGAN
-blocks, no FIR, positional embedding) comes from the Fashion-MNIST default.
+(--config.sampling.method=pc). Not a paper configuration; numbers are for a short CPU run.
+The rest of the network (ch_mult (1, 2, 2), attention at 7x7, BigGAN blocks, no FIR,
+positional embedding) comes from the Fashion-MNIST default.
 """
 
 from configs.default_fashion_mnist_configs import get_default_configs
