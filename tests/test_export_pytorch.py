@@ -39,7 +39,7 @@ def _export_reference(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_reference_checkpoint_comes_back_identical(name, tmp_path):
-    _, _, out = _export_reference(name, tmp_path)
+    config, _, out = _export_reference(name, tmp_path)
     ref, got = load_torch_checkpoint(REFERENCE[name]), load_torch_checkpoint(out)
     assert list(got) == list(ref)  # optimizer, model, ema, step
     assert list(got["model"]) == list(ref["model"])  # keys in model.parameters() order
@@ -52,7 +52,7 @@ def test_reference_checkpoint_comes_back_identical(name, tmp_path):
     # and numpy's float64 exp differs by one ulp between its AVX-512 and AVX2 code paths (the
     # fixtures were written on an AVX-512 machine). So the buffer must be the reference's
     # computation on this machine exactly, and the fixture's to within that ulp.
-    m = _config(name).model
+    m = config.model
     sigmas = got["model"]["module.sigmas"]
     np.testing.assert_array_equal(
         sigmas, np.exp(np.linspace(np.log(m.sigma_max), np.log(m.sigma_min), m.num_scales)))
