@@ -174,16 +174,23 @@ def test_ctrl_c_stops_at_a_safe_point_with_one_line(data_dir, tmp_path):
     proc = start(main_args("train", workdir, data_dir, "--config.training.n_iters=100000",
                            "--config.training.snapshot_sampling=False"),
                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while not meta_steps(workdir):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    sent = time.time()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert time.time() - sent < 30
+    try:
+        deadline = time.time() + 600
+        while not meta_steps(workdir):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        seen = meta_steps(workdir)[-1]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert "Interrupted at step" in err.strip().splitlines()[-1]
+    # The next safe point, counted in steps rather than seconds (a loaded CI host stretches
+    # the seconds): the loop checks between calls of n_jitted_steps=2 steps, so the run stops
+    # within the call under way when the signal lands, or the next if the poll above was late.
+    last = err.strip().splitlines()[-1]
+    stopped = int(re.search(r"Interrupted at step (\d+);", last).group(1))
+    assert seen <= stopped <= seen + 2 * 2, (seen, last)
     assert not [d for d in _walk_names(workdir) if "tmp" in d]
     newest = os.path.join(workdir, "checkpoints-meta", str(meta_steps(workdir)[-1]))
     assert int(restore_tree(newest)["step"]) == meta_steps(workdir)[-1]
