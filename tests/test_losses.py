@@ -203,15 +203,16 @@ def _config(lr=1e-2, warmup=0, grad_clip=1.0):
     return c
 
 
-def _train_setup(ema_rate=0.9):
+def _train_setup(ema_rate=0.9, unroll=False, model=None):
     sde = sde_lib.VPSDE(N=100)
-    model = TinyScoreNet()
+    model = model or TinyScoreNet()
     params = model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
                         jnp.zeros((1,) + SHAPE), jnp.ones((1,)))["params"]
     _, state, optimizer = losses.init_train_state(jax.random.PRNGKey(2), _config(), model=model,
                                                   params=params, states={})
     train_step = jax.jit(losses.get_step_fn(sde, model, train=True, optimizer=optimizer,
-                                            reduce_mean=True, ema_rate=ema_rate))
+                                            reduce_mean=True, ema_rate=ema_rate,
+                                            unroll=unroll))
     eval_step = jax.jit(losses.get_step_fn(sde, model, train=False, reduce_mean=True))
     return state, train_step, eval_step
 
@@ -243,8 +244,9 @@ def test_ema_follows_its_formula():
                            state1.params_ema, expected1)
 
 
-def test_n_jitted_steps_equals_single_steps():
-    state, train_step, _ = _train_setup()
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+def test_n_jitted_steps_equals_single_steps(unroll):
+    state, train_step, _ = _train_setup(unroll=unroll)
     batch = _data(5 * 16).reshape((5, 16) + SHAPE)
     scanned, scanned_losses = train_step(state, batch)
     single = state
@@ -337,3 +339,24 @@ def test_unknown_optimizer_is_refused():
 def test_registry_rejects_unknown_model():
     with pytest.raises(ValueError, match="Unknown model 'nope'; valid names"):
         mutils.get_model("nope")
+
+
+_TRACES = []
+
+
+class CountedScoreNet(TinyScoreNet):
+    """TinyScoreNet that records the input shape each time it is traced."""
+
+    def __call__(self, x, labels, train=False):
+        _TRACES.append(x.shape)
+        return super().__call__(x, labels, train)
+
+
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+def test_n_jitted_steps_trace_the_network_once(unroll):
+    # The unrolled steps (XLA:CPU's choice) trace one step and call it n times, as the scan
+    # does: tracing NCSN++ takes seconds per copy.
+    state, train_step, _ = _train_setup(unroll=unroll, model=CountedScoreNet())
+    del _TRACES[:]  # the initialization's trace
+    train_step.lower(state, _data(5 * 16).reshape((5, 16) + SHAPE))
+    assert _TRACES == [(16,) + SHAPE]
